@@ -1,0 +1,62 @@
+# RecursiveMix loader system. The README's two commands: `make demo` and `make test`.
+# Every target that runs code depends on `setup`, so each works from a fresh clone alone.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.setup-stamp
+
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+
+DATASET ?= digits
+SRC     ?=
+OUT     ?= data/shards
+SHARDS_ARGS ?=
+BENCH_ARGS  ?=
+
+.PHONY: setup apt test demo shards bench clean
+
+# apt packages FFCV compiles against; installed only when root and missing.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "apt: installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "apt: missing$$missing (not root: install them, or FFCV will not build)"; \
+	  fi; \
+	fi
+
+# Idempotent: the stamp is rebuilt only when pyproject.toml or this Makefile change.
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(MAKE) --no-print-directory apt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	# torch first: ffcv and DALI's torch plugin import it at build/run time.
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	# ffcv's setup.py imports numpy/cv2 and compiles against libturbojpeg: no build isolation.
+	$(PIP) install -q numpy opencv-python numba pkgconfig cython
+	$(PIP) install -q --no-build-isolation ffcv==1.0.2
+	$(PIP) install -q -e '.[dali,ffcv,dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/rmix demo
+
+shards: setup
+	$(VENV)/bin/rmix shards --dataset $(DATASET) $(if $(SRC),--src $(SRC)) --out $(OUT) $(SHARDS_ARGS)
+
+bench: setup
+	$(VENV)/bin/rmix bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) data/ .pytest_cache

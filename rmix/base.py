@@ -1,0 +1,62 @@
+"""What every mix shares: the host-side generator, label handling and the state_dict protocol."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .batch import MixedBatch, as_soft_targets, check_images
+
+
+class Mix:
+    """Base of every mix: ``mix(images, targets) -> MixedBatch``.
+
+    Random draws (a few scalars per batch) come from a numpy Generator on the host, so a mix never
+    waits on the device; its state is part of ``state_dict()`` so a resumed run draws the same boxes.
+
+    Args:
+        num_classes: needed only when ``targets`` are integer labels.
+        smoothing: label smoothing applied when integer labels are turned into soft targets.
+        seed: seed of the mix's generator (give each DDP rank its own).
+    """
+
+    name = "mix"
+
+    def __init__(self, num_classes: Optional[int] = None, smoothing: float = 0.0, seed: int = 0):
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> MixedBatch:
+        check_images(images, targets)
+        soft = as_soft_targets(targets, self.num_classes, self.smoothing)
+        return self._mix(images, soft.to(images.device))
+
+    def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> MixedBatch:
+        raise NotImplementedError
+
+    # Epoch boundaries: stateless mixes have nothing to do.
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the loader at the start of each epoch."""
+
+    def record_logits(self, logits: torch.Tensor) -> None:
+        """Mixes without history ignore the model's logits."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state_dict is for mix {state.get('name')!r}, not {self.name!r}")
+        self.rng.bit_generator.state = state["rng"]
+
+    @staticmethod
+    def _full_lam(n: int, value: float, device: torch.device) -> torch.Tensor:
+        return torch.full((n,), float(value), dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _mix_targets(targets: torch.Tensor, other: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        lam = lam[:, None]
+        return lam * targets + (1.0 - lam) * other

@@ -1,0 +1,125 @@
+"""Box sampling and the resize-and-paste kernel shared by RecursiveMix, CutMix and ResizeMix.
+
+Boxes are drawn on the host from a numpy Generator (a few scalars per batch), so the mixes never
+read a value back from the device: no host-device sync in the hot path. Pasting runs on the device
+of the images.
+
+Frame: a box is ``(x1, y1, x2, y2)`` in pixels with x = column (dim 3), y = row (dim 2), x2/y2
+exclusive, which is what ``torchvision.ops.roi_align`` expects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def sample_boxes(rng: np.random.Generator, ratio: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Square-ratio boxes as in the seed's ``rand_bbox``: side = int(size * ratio), centre uniform
+    over the image, half-sides of ``side // 2`` on each side of the centre, clipped to the image.
+
+    Args:
+        rng: the mix's generator; draws the centres (x first, then y).
+        ratio: (n,) side ratios in [0, 1].
+    Returns:
+        (n, 4) int64 array of ``(x1, y1, x2, y2)``.
+    """
+    n = ratio.shape[0]
+    half_w = (width * ratio).astype(np.int64) // 2
+    half_h = (height * ratio).astype(np.int64) // 2
+    cx = rng.integers(0, width, size=n)
+    cy = rng.integers(0, height, size=n)
+    return np.stack(
+        [
+            np.clip(cx - half_w, 0, width),
+            np.clip(cy - half_h, 0, height),
+            np.clip(cx + half_w, 0, width),
+            np.clip(cy + half_h, 0, height),
+        ],
+        axis=1,
+    )
+
+
+def box_lam(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """1 - (clipped box area / image area), per box, as float32."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return (1.0 - area / float(height * width)).astype(np.float32)
+
+
+def resize(src: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize a whole batch to ``size`` = (h, w) with the seed's settings (nearest; or bilinear with
+    align_corners=True). uint8 is resized in float and rounded back, so it works on every device."""
+    if mode == "nearest":
+        return F.interpolate(src, size=size, mode="nearest")
+    if src.is_floating_point():
+        return F.interpolate(src, size=size, mode="bilinear", align_corners=True)
+    out = F.interpolate(src.float(), size=size, mode="bilinear", align_corners=True)
+    return out.round_().clamp_(0, 255).to(src.dtype)
+
+
+def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: str) -> None:
+    """In place: the whole of each ``src[i]`` resized into the same ``box`` of ``dst[i]``."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        return  # zero-area box: nothing to paste (the seed would call interpolate with size 0)
+    dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
+
+
+def _source_coords(start: torch.Tensor, stop: torch.Tensor, out_len: int, in_len: int, mode: str):
+    """For each sample and each output position along one axis: the source coordinate(s) of the
+    resized history, and whether the position lies inside the box.
+
+    Nearest follows PyTorch's rule (``floor(dst * float32(in / out))``, clamped), so a per-sample
+    paste equals ``F.interpolate(mode='nearest')`` of the same box bit for bit.
+    """
+    device = start.device
+    pos = torch.arange(out_len, device=device)
+    rel = pos[None, :] - start[:, None]  # (n, out_len)
+    length = (stop - start).clamp(min=1)
+    inside = (rel >= 0) & (rel < (stop - start)[:, None])
+    rel = rel.clamp(min=0)
+    if mode == "nearest":
+        scale = (torch.tensor(float(in_len), dtype=torch.float32, device=device) / length.float())[:, None]
+        idx = torch.floor(rel.float() * scale).long().clamp_(max=in_len - 1)
+        return inside, idx, None, None
+    # bilinear, align_corners=True: src = dst * (in - 1) / (out - 1)
+    scale = torch.where(length > 1, (in_len - 1) / (length - 1).clamp(min=1).float(), torch.zeros_like(length, dtype=torch.float32))
+    src = rel.float() * scale[:, None]
+    i0 = torch.floor(src).long().clamp_(max=in_len - 1)
+    i1 = (i0 + 1).clamp_(max=in_len - 1)
+    frac = (src - i0.float()).clamp_(0, 1)
+    return inside, i0, i1, frac
+
+
+def _gather_axis(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """x: (n, C, H, W); idx: (n, L) indices along ``dim`` (2 or 3) -> x with that axis of length L."""
+    n, c, h, w = x.shape
+    if dim == 2:
+        index = idx[:, None, :, None].expand(n, c, idx.shape[1], w)
+    else:
+        index = idx[:, None, None, :].expand(n, c, h, idx.shape[1])
+    return torch.gather(x, dim, index)
+
+
+def paste_per_sample(dst: torch.Tensor, src: torch.Tensor, boxes: np.ndarray, mode: str) -> None:
+    """In place: ``src[i]`` resized into ``boxes[i]`` of ``dst[i]``, every sample with its own box,
+    in one batched gather (no Python loop over the batch, no device sync)."""
+    n, _, height, width = dst.shape
+    b = torch.from_numpy(boxes).to(dst.device, non_blocking=True)
+    in_h, in_w = src.shape[-2:]
+    in_y, y0, y1, fy = _source_coords(b[:, 1], b[:, 3], height, in_h, mode)
+    in_x, x0, x1, fx = _source_coords(b[:, 0], b[:, 2], width, in_w, mode)
+    if mode == "nearest":
+        pasted = _gather_axis(_gather_axis(src, y0, 2), x0, 3)
+    else:
+        work = src if src.is_floating_point() else src.float()
+        fy = fy.to(work.dtype)[:, None, :, None]
+        fx = fx.to(work.dtype)[:, None, None, :]
+        rows = torch.lerp(_gather_axis(work, y0, 2), _gather_axis(work, y1, 2), fy)
+        pasted = torch.lerp(_gather_axis(rows, x0, 3), _gather_axis(rows, x1, 3), fx)
+        if not dst.is_floating_point():
+            pasted = pasted.round_().clamp_(0, 255)
+        pasted = pasted.to(dst.dtype)
+    inside = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, H, W)
+    dst.copy_(torch.where(inside, pasted, dst))

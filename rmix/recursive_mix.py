@@ -1,0 +1,201 @@
+"""RecursiveMix: mixed training with history.
+
+Paper: L. Yang, X. Li, B. Zhao, R. Song, J. Yang, "RecursiveMix: Mixed Training with History",
+arXiv:2203.06844. Seed implementation: implus/RecursiveMix-pytorch (``recursive_mix`` in utils.py and
+the train loop in main.py).
+
+What we follow from the seed:
+  * History is the previous call's *mixed* output (images and soft targets), so content recurses.
+  * One box per batch by default: side ratio = sqrt(U(0, alpha)), side = int(size * ratio), centre
+    uniform, half-sides of side // 2 around it, clipped to the image. The whole history batch is
+    resized into the box (nearest, or bilinear with align_corners=True) and pasted.
+  * lam = 1 - clipped area / image area; targets = lam * y + (1 - lam) * y_history.
+  * The first call after a reset passes the batch through (lam = 1, no box) and becomes history.
+    The seed keeps history in a local of ``train()``, i.e. it is reset every epoch; so do we unless
+    ``keep_history_across_epochs=True``.
+  * The ROI loss target is softmax of the logits the model produced on the whole history batch;
+    the trainer hands them over with ``record_logits`` after its forward pass.
+
+Where we deviate, on purpose:
+  * Box frame. The seed indexes ``x[:, :, bbx1:bbx2, bby1:bby2]`` (its "x" walks rows) and then gives
+    the same numbers to ``roi_align`` as (x1, y1, x2, y2), so its ROI is the transpose of the pasted
+    region (identical only for boxes symmetric about the diagonal). We return boxes in the true
+    (x1, y1, x2, y2) = (column, row) frame of the pasted region.
+  * ``box='sample'`` draws a box per sample (the seed has one per batch, ``box='batch'``).
+  * A zero-area box pastes nothing (lam = 1) instead of calling interpolate with size 0.
+  * A batch larger than the history (e.g. the first batch after a smaller last one) pastes history
+    row ``i % len(history)`` into sample i; a smaller batch uses the first N rows, as the seed does.
+  * Images are modified in place (the loader owns the batch), and the history is a persistent
+    buffer that is copied into, not re-allocated, each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .base import Mix
+from .batch import MixedBatch
+from .boxes import box_lam, paste_one_box, paste_per_sample, sample_boxes
+
+INTERPOLATIONS = ("nearest", "bilinear")
+BOX_MODES = ("batch", "sample")
+
+
+class RecursiveMix(Mix):
+    """RecursiveMix as one stateful callable: ``mix(images, targets) -> MixedBatch``.
+
+    Args:
+        alpha: boxes have side ratio sqrt(U(0, alpha)); 0 < alpha <= 1.
+        interpolation: 'nearest' (seed default) or 'bilinear'.
+        box: 'batch' (one box for the whole batch, as the seed) or 'sample' (a box per sample).
+        keep_history_across_epochs: if False (seed), ``set_epoch`` clears the history.
+        num_classes, smoothing, seed: see :class:`rmix.base.Mix`.
+
+    Use::
+
+        mix = RecursiveMix(alpha=0.5, num_classes=10)
+        for images, labels in loader:
+            batch = mix(images, labels)
+            logits, roi_logits = model(batch.images, batch.boxes)   # roi only when boxes is not None
+            mix.record_logits(logits)                               # history for the next step
+    """
+
+    name = "recursive_mix"
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        interpolation: str = "nearest",
+        box: str = "batch",
+        keep_history_across_epochs: bool = False,
+        num_classes: Optional[int] = None,
+        smoothing: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__(num_classes=num_classes, smoothing=smoothing, seed=seed)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"RecursiveMix alpha must be in (0, 1], got {alpha}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        if box not in BOX_MODES:
+            raise ValueError(f"box must be one of {BOX_MODES}, got {box!r}")
+        self.alpha = alpha
+        self.interpolation = interpolation
+        self.box = box
+        self.keep_history_across_epochs = keep_history_across_epochs
+        self.reset()
+
+    # -- history ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the history: the next call passes its batch through unmixed."""
+        self._images: Optional[torch.Tensor] = None
+        self._targets: Optional[torch.Tensor] = None
+        self._logits: Optional[torch.Tensor] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.keep_history_across_epochs:
+            self.reset()
+
+    @property
+    def has_history(self) -> bool:
+        return self._images is not None
+
+    @property
+    def history_logits(self) -> Optional[torch.Tensor]:
+        """Logits recorded for the current history batch (None until ``record_logits``)."""
+        return self._logits
+
+    def record_logits(self, logits: torch.Tensor) -> None:
+        """Store the model's logits on the batch this mix returned last (the new history)."""
+        if self._images is None:
+            raise RuntimeError("record_logits() called before the mix produced a batch")
+        if logits.shape[0] != self._images.shape[0]:
+            raise ValueError(f"logits for {logits.shape[0]} samples, but the last batch had {self._images.shape[0]}")
+        self._logits = logits.detach()
+
+    def _remember(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        # Copy into the persistent buffers when shapes allow: the caller (or DALI) may reuse the
+        # memory of ``images`` for the next batch, and re-allocating every step fragments the cache.
+        if (
+            self._images is not None
+            and self._images.shape == images.shape
+            and self._images.dtype == images.dtype
+            and self._images.device == images.device
+        ):
+            self._images.copy_(images)
+            self._targets.copy_(targets)
+        else:
+            self._images = images.detach().clone(memory_format=torch.preserve_format)
+            self._targets = targets.detach().clone()
+        self._logits = None  # the new history has no logits until the trainer records them
+
+    # -- mixing -------------------------------------------------------------------------------
+    def _draw_ratio(self, n: int) -> np.ndarray:
+        return np.sqrt(self.rng.uniform(0.0, self.alpha, size=n))
+
+    def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> MixedBatch:
+        n, _, height, width = images.shape
+        device = images.device
+        if self._images is None:
+            self._remember(images, targets)
+            return MixedBatch(images, targets, None, self._full_lam(n, 1.0, device))
+
+        hist_images, hist_targets, hist_logits = self._images, self._targets, self._logits
+        if hist_images.device != device:  # e.g. restored from a CPU state_dict
+            hist_images, hist_targets = hist_images.to(device), hist_targets.to(device)
+            hist_logits = hist_logits.to(device) if hist_logits is not None else None
+        if hist_targets.shape[1] != targets.shape[1]:
+            raise ValueError(f"history has {hist_targets.shape[1]} classes, batch has {targets.shape[1]}")
+        if hist_images.shape[1] != images.shape[1]:
+            raise ValueError(f"history has {hist_images.shape[1]} channels, batch has {images.shape[1]}")
+        hist_n = hist_images.shape[0]
+        if n <= hist_n:
+            rows = slice(0, n)
+        else:  # documented rule: sample i takes history row i % hist_n
+            rows = torch.arange(n, device=device) % hist_n
+        src = hist_images[rows].to(images.dtype)
+        history_logits = hist_logits[rows].clone() if hist_logits is not None else None
+
+        if self.box == "batch":
+            boxes_np = sample_boxes(self.rng, self._draw_ratio(1), height, width)
+            paste_one_box(images, src, boxes_np[0], self.interpolation)
+            boxes_np = np.repeat(boxes_np, n, axis=0)
+        else:
+            boxes_np = sample_boxes(self.rng, self._draw_ratio(n), height, width)
+            paste_per_sample(images, src, boxes_np, self.interpolation)
+
+        lam_np = box_lam(boxes_np, height, width)
+        if (lam_np >= 1.0).all():  # nothing pasted anywhere
+            boxes, lam = None, self._full_lam(n, 1.0, device)
+            history_logits = None
+        else:
+            boxes = torch.from_numpy(boxes_np.astype(np.float32)).to(device, non_blocking=True)
+            lam = torch.from_numpy(lam_np).to(device, non_blocking=True)
+            targets = self._mix_targets(targets, hist_targets[rows], lam)
+
+        self._remember(images, targets)
+        return MixedBatch(images, targets, boxes, lam, history_logits)
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            alpha=self.alpha,
+            interpolation=self.interpolation,
+            box=self.box,
+            images=None if self._images is None else self._images.cpu(),
+            targets=None if self._targets is None else self._targets.cpu(),
+            logits=None if self._logits is None else self._logits.cpu(),
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for key in ("alpha", "interpolation", "box"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={state[key]!r}, this mix has {getattr(self, key)!r}")
+        # Kept on the host until the next call moves them to the batch's device.
+        self._images, self._targets, self._logits = state["images"], state["targets"], state["logits"]

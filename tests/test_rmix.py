@@ -1,0 +1,289 @@
+"""RecursiveMix and the baseline mixes: exact semantics, history, state, edge cases."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmix import CutMix, Mixup, NoMix, RecursiveMix, ResizeMix, build_mix, smooth_one_hot
+from rmix.boxes import paste_one_box, paste_per_sample, sample_boxes
+
+
+def batch(n=6, c=3, h=32, w=32, k=10, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+    else:
+        x = torch.rand(n, c, h, w, generator=g, dtype=dtype)
+    y = torch.randint(0, k, (n,), generator=g)
+    return x, y
+
+
+def _force_box(monkeypatch, box):
+    import rmix.recursive_mix as rm
+
+    monkeypatch.setattr(rm, "sample_boxes", lambda rng, ratio, h, w: np.repeat(np.asarray([box]), len(ratio), 0))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_fixed_box_paste_is_exact(monkeypatch, mode):
+    box = (5, 9, 21, 17)  # x1, y1, x2, y2: a wide, short box, so a transposed frame would show
+    _force_box(monkeypatch, box)
+    mix = RecursiveMix(alpha=0.5, interpolation=mode, num_classes=10)
+    x0, y0 = batch(h=32, w=40)
+    first = mix(x0.clone(), y0)
+    assert first.boxes is None and torch.all(first.lam == 1)
+    x1, y1 = batch(h=32, w=40, seed=1)
+    out = mix(x1.clone(), y1)
+
+    x1_, y1_, x2_, y2_ = box
+    expected = x1.clone()
+    kw = {} if mode == "nearest" else {"align_corners": True}
+    expected[:, :, y1_:y2_, x1_:x2_] = F.interpolate(x0, size=(y2_ - y1_, x2_ - x1_), mode=mode, **kw)
+    assert torch.equal(out.images, expected)
+    # outside the box, untouched
+    mask = torch.ones(32, 40, dtype=torch.bool)
+    mask[y1_:y2_, x1_:x2_] = False
+    assert torch.equal(out.images[:, :, mask], x1[:, :, mask])
+    # boxes in (x1, y1, x2, y2) order, per sample
+    assert out.boxes.shape == (6, 4)
+    assert torch.equal(out.boxes, torch.tensor(box, dtype=torch.float32).expand(6, 4))
+    lam = 1 - (16 * 8) / (32 * 40)
+    assert torch.allclose(out.lam, torch.full((6,), lam))
+    t_expected = lam * smooth_one_hot(y1, 10) + (1 - lam) * smooth_one_hot(y0, 10)
+    assert torch.allclose(out.targets, t_expected)
+
+
+def test_side_ratio_statistics():
+    # side = int(S * sqrt(U(0, alpha))) => (side/S)^2 ~ U(0, alpha): mean alpha/2, var alpha^2/12
+    mix = RecursiveMix(alpha=0.5, seed=3)
+    ratios = mix._draw_ratio(200_000)
+    sq = ratios ** 2
+    assert abs(sq.mean() - 0.25) < 0.003
+    assert abs(sq.var() - 0.25 / 12 * 1.0) < 0.002
+    assert sq.max() <= 0.5
+    # the boxes: centre uniform, clipped
+    boxes = sample_boxes(np.random.default_rng(0), ratios[:5000], 64, 48)
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 48).all() and (boxes[:, 3] <= 64).all()
+    assert (boxes[:, 2] >= boxes[:, 0]).all()
+
+
+def test_history_is_previous_mixed_output():
+    mix = RecursiveMix(alpha=1.0, num_classes=10, seed=1)
+    xs = [batch(seed=s) for s in range(4)]
+    outs = []
+    for x, y in xs:
+        b = mix(x.clone(), y)
+        outs.append((b.images.clone(), b.targets.clone()))
+        mix.record_logits(torch.randn(6, 10))
+    # the history now equals the last *mixed* output, which itself holds content of earlier steps
+    assert torch.equal(mix._images, outs[-1][0])
+    assert torch.equal(mix._targets, outs[-1][1])
+
+    # replay step 3 by hand: paste outs[1] (mixed, not raw xs[1]) into raw xs[2]
+    replay = RecursiveMix(alpha=1.0, num_classes=10, seed=1)
+    replay(xs[0][0].clone(), xs[0][1])
+    replay(xs[1][0].clone(), xs[1][1])
+    assert torch.equal(replay._images, outs[1][0])
+    b = replay(xs[2][0].clone(), xs[2][1])
+    x1, y1, x2, y2 = (int(v) for v in b.boxes[0])
+    pasted = F.interpolate(outs[1][0], size=(y2 - y1, x2 - x1), mode="nearest")
+    assert torch.equal(b.images[:, :, y1:y2, x1:x2], pasted)
+    assert torch.allclose(b.targets, b.lam[:, None] * smooth_one_hot(xs[2][1], 10) + (1 - b.lam[:, None]) * outs[1][1])
+
+
+def test_reset_and_epochs():
+    mix = RecursiveMix(num_classes=10)
+    mix(*batch())
+    assert mix.has_history
+    mix.set_epoch(1)
+    assert not mix.has_history
+    b = mix(*batch(seed=2))
+    assert b.boxes is None and torch.all(b.lam == 1)
+
+    keep = RecursiveMix(num_classes=10, keep_history_across_epochs=True)
+    keep(*batch())
+    keep.set_epoch(1)
+    assert keep.has_history
+
+
+@pytest.mark.parametrize("box", ["batch", "sample"])
+def test_state_dict_round_trip_is_bit_exact(box):
+    a = RecursiveMix(alpha=0.7, box=box, num_classes=10, seed=11)
+    for s in range(3):
+        a(*batch(seed=s))
+        a.record_logits(torch.randn(6, 10, generator=torch.Generator().manual_seed(s)))
+    state = a.state_dict()
+    blob = __import__("io").BytesIO()
+    torch.save(state, blob)
+    blob.seek(0)
+    b = RecursiveMix(alpha=0.7, box=box, num_classes=10, seed=999)
+    b.load_state_dict(torch.load(blob, weights_only=False))
+    for s in range(3, 6):
+        x, y = batch(seed=s)
+        ra, rb = a(x.clone(), y), b(x.clone(), y)
+        assert torch.equal(ra.images, rb.images)
+        assert torch.equal(ra.targets, rb.targets)
+        assert torch.equal(ra.boxes, rb.boxes)
+        assert torch.equal(ra.history_logits, rb.history_logits)
+        logits = torch.randn(6, 10)
+        a.record_logits(logits)
+        b.record_logits(logits)
+
+
+def test_state_dict_rejects_other_config():
+    a = RecursiveMix(alpha=0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        RecursiveMix(alpha=0.3).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="mix"):
+        CutMix(1.0).load_state_dict(a.state_dict())
+
+
+def test_per_sample_boxes_differ_and_match_interpolate():
+    mix = RecursiveMix(alpha=1.0, box="sample", num_classes=10, seed=5)
+    x0, y0 = batch(n=16)
+    mix(x0.clone(), y0)
+    x1, y1 = batch(n=16, seed=1)
+    b = mix(x1.clone(), y1)
+    assert len({tuple(r.tolist()) for r in b.boxes}) > 8
+    for i in range(16):
+        bx1, by1, bx2, by2 = (int(v) for v in b.boxes[i])
+        exp = x1[i].clone()
+        if bx2 > bx1 and by2 > by1:
+            exp[:, by1:by2, bx1:bx2] = F.interpolate(x0[i : i + 1], size=(by2 - by1, bx2 - bx1), mode="nearest")[0]
+        assert torch.equal(b.images[i], exp), i
+        area = (bx2 - bx1) * (by2 - by1)
+        assert b.lam[i].item() == pytest.approx(1 - area / 1024)
+
+
+def test_per_sample_bilinear_close_to_interpolate():
+    dst = torch.zeros(3, 3, 20, 24)
+    src = torch.rand(3, 3, 20, 24)
+    boxes = np.array([[2, 3, 12, 17], [0, 0, 24, 20], [5, 5, 6, 9]])
+    paste_per_sample(dst, src, boxes, "bilinear")
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        ref = torch.zeros(3, 20, 24)
+        ref[:, y1:y2, x1:x2] = F.interpolate(src[i : i + 1], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=True)[0]
+        assert torch.allclose(dst[i], ref, atol=1e-5)
+
+
+def test_batch_size_changes():
+    mix = RecursiveMix(alpha=1.0, num_classes=10, seed=2)
+    mix(*batch(n=8))
+    mix.record_logits(torch.arange(80.0).view(8, 10))
+    small = mix(*batch(n=3, seed=1))  # smaller: first rows of the history
+    assert small.images.shape[0] == 3 and small.targets.shape == (3, 10)
+    assert torch.equal(small.history_logits, torch.arange(30.0).view(3, 10))
+    mix.record_logits(torch.arange(30.0).view(3, 10))
+    big = mix(*batch(n=7, seed=2))  # larger: history row i % 3
+    assert big.images.shape[0] == 7 and big.targets.shape == (7, 10)
+    assert torch.equal(big.history_logits, torch.arange(30.0).view(3, 10)[torch.arange(7) % 3])
+    with pytest.raises(ValueError, match="logits for"):
+        mix.record_logits(torch.randn(3, 10))
+
+
+def test_zero_area_box_is_a_noop(monkeypatch):
+    _force_box(monkeypatch, (7, 7, 7, 12))
+    mix = RecursiveMix(num_classes=10)
+    mix(*batch())
+    x, y = batch(seed=1)
+    b = mix(x.clone(), y)
+    assert b.boxes is None
+    assert torch.equal(b.images, x)
+    assert torch.equal(b.targets, smooth_one_hot(y, 10))
+    assert not torch.isnan(b.targets).any()
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 1.0])
+def test_alpha_extremes(alpha):
+    mix = RecursiveMix(alpha=alpha, num_classes=10, seed=0)
+    mix(*batch())
+    for s in range(20):
+        b = mix(*batch(seed=s))
+        assert torch.isfinite(b.targets).all() and torch.allclose(b.targets.sum(1), torch.ones(6))
+        assert ((b.lam >= 0) & (b.lam <= 1)).all()
+        if alpha < 1e-3:
+            assert b.boxes is None  # sqrt(1e-6) * 32 < 1 pixel
+    with pytest.raises(ValueError):
+        RecursiveMix(alpha=0.0)
+    with pytest.raises(ValueError):
+        RecursiveMix(alpha=1.5)
+
+
+@pytest.mark.parametrize("box", ["batch", "sample"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_uint8_and_channels_last(box, mode):
+    mix = RecursiveMix(alpha=1.0, box=box, interpolation=mode, num_classes=10, seed=4)
+    x0, y0 = batch(dtype=torch.uint8)
+    x0 = x0.contiguous(memory_format=torch.channels_last)
+    mix(x0.clone(memory_format=torch.preserve_format), y0)
+    x1, y1 = batch(dtype=torch.uint8, seed=1)
+    x1 = x1.contiguous(memory_format=torch.channels_last)
+    b = mix(x1.clone(memory_format=torch.preserve_format), y1)
+    assert b.images.dtype == torch.uint8
+    assert b.images.is_contiguous(memory_format=torch.channels_last)
+    assert b.boxes is not None
+    # pasted pixels come from the history image (uint8 values, not garbage)
+    x1b, y1b, x2b, y2b = (int(v) for v in b.boxes[0])
+    region = b.images[0, :, y1b:y2b, x1b:x2b].float()
+    assert region.min() >= 0 and region.max() <= 255
+    assert not torch.equal(b.images, x1)
+
+
+def test_soft_targets_accepted_and_int_labels_need_classes():
+    mix = RecursiveMix()
+    x, y = batch()
+    with pytest.raises(ValueError, match="num_classes"):
+        mix(x, y)
+    b = mix(x, smooth_one_hot(y, 10, 0.1))
+    assert torch.allclose(b.targets.sum(1), torch.ones(6))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        mix(x[0], y)
+
+
+@pytest.mark.parametrize("cls", [Mixup, CutMix, ResizeMix])
+def test_baselines_signature_and_label_mass(cls):
+    mix = cls(alpha=1.0, num_classes=10, seed=0)
+    for s in range(10):
+        x, y = batch(seed=s)
+        b = mix(x.clone(), y)
+        assert b.images.shape == x.shape and b.targets.shape == (6, 10)
+        assert torch.allclose(b.targets.sum(1), torch.ones(6))
+        assert ((b.lam > 0) & (b.lam <= 1)).all()
+    state = mix.state_dict()
+    x, y = batch(seed=99)
+    r1 = mix(x.clone(), y)
+    mix.load_state_dict(state)
+    r2 = mix(x.clone(), y)
+    assert torch.equal(r1.images, r2.images) and torch.equal(r1.targets, r2.targets)
+
+
+def test_cutmix_pastes_partner_pixels():
+    mix = CutMix(alpha=1.0, num_classes=10, seed=1)
+    x, y = batch(n=5)
+    b = mix(x.clone(), y)
+    assert b.boxes is not None
+    x1, y1, x2, y2 = (int(v) for v in b.boxes[0])
+    inside = b.images[:, :, y1:y2, x1:x2]
+    # every pasted patch equals the same patch of some image of the batch
+    for i in range(5):
+        assert any(torch.equal(inside[i], x[j, :, y1:y2, x1:x2]) for j in range(5))
+    lam = 1 - (x2 - x1) * (y2 - y1) / 1024
+    assert torch.allclose(b.lam, torch.full((5,), lam))
+
+
+def test_nomix_and_registry():
+    x, y = batch()
+    b = build_mix("none", num_classes=10, alpha=0.5)(x, y)
+    assert b.boxes is None and torch.equal(b.images, x) and torch.all(b.lam == 1)
+    assert isinstance(build_mix("recursive_mix", alpha=0.5), RecursiveMix)
+    assert isinstance(NoMix(), NoMix)
+    with pytest.raises(ValueError, match="unknown mix"):
+        build_mix("fmix")
+
+
+def test_paste_one_box_uint8_bilinear_rounds():
+    dst = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    src = torch.tensor([[[[0, 255], [255, 0]]]], dtype=torch.uint8)
+    paste_one_box(dst, src, np.array([0, 0, 3, 3]), "bilinear")
+    assert dst[0, 0, 1, 1].item() == 128  # centre of a 0/255 checkerboard, rounded
