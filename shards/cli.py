@@ -1,0 +1,81 @@
+"""``rmix shards`` / ``make shards``: the command line of :func:`shards.build.build`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .build import DATASETS, FORMATS, ShardParams, build
+from .errors import ShardError
+from .ffcv_writer import WRITE_MODES
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'1GB' -> 10**9, '512MiB' -> 2**29, '4096' -> 4096."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1GB, 500MB, 64MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _csv(choices):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        items = ["val" if t == "test" else t for t in items]  # CIFAR users say test
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmix shards", description="Write webdataset (+ DALI .idx) and FFCV shards with a manifest.")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--src", type=Path, help="dataset directory (CIFAR dir or its parent; ImageNet root with train/ val/); not for digits")
+    p.add_argument("--out", type=Path, required=True, help="output root; shards go to OUT/<dataset>/")
+    p.add_argument("--formats", type=_csv(FORMATS), default=list(FORMATS), help="comma list of wds,ffcv (default both)")
+    p.add_argument("--split", type=_csv(("train", "val")), default=["train", "val"], help="comma list of train,val")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help="cut shards by sample count")
+    size.add_argument("--shard-bytes", type=parse_size, help="cut shards by size (default 1GB)")
+    p.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    p.add_argument("--max-side", type=int, help="resize ImageNet images whose longer side exceeds this")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the write-time shuffle")
+    p.add_argument("--ffcv-write-mode", choices=WRITE_MODES, help="default: raw for CIFAR/digits, proportion for ImageNet")
+    p.add_argument("--ffcv-max-resolution", type=int)
+    p.add_argument("--ffcv-compress-probability", type=float, default=0.5)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if args.samples_per_shard is not None and args.samples_per_shard < 1:
+        sys.exit("rmix shards: --samples-per-shard must be >= 1")
+    params = ShardParams(
+        dataset=args.dataset, splits=args.split, formats=args.formats,
+        samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes, max_side=args.max_side,
+        quality=args.quality, seed=args.seed, ffcv_write_mode=args.ffcv_write_mode,
+        ffcv_max_resolution=args.ffcv_max_resolution, ffcv_compress_probability=args.ffcv_compress_probability,
+    )
+    try:
+        manifest = build(params, args.src, args.out, workers=args.workers, progress=not args.no_progress)
+    except ShardError as e:
+        sys.exit(f"rmix shards: {e}")
+    except KeyboardInterrupt:
+        sys.exit("rmix shards: interrupted; rerun the same command to resume")
+    total = sum(s["num_samples"] for s in manifest["splits"].values())
+    rej = sum(s["rejected"] for s in manifest["splits"].values())
+    print(f"rmix shards: {args.out / args.dataset}/manifest.json: {total} samples, {rej} rejected, "
+          f"{manifest.get('seconds', 0):.1f} s")
+
+
+if __name__ == "__main__":
+    main()
