@@ -20,6 +20,8 @@ class MixedBatch:
         lam: (N,) float32 weight of each sample's *own* content (1 = unmixed).
         history_logits: for RecursiveMix, the (N, K) logits the trainer recorded for the history
             rows pasted into each sample (target of the ROI consistency loss); else ``None``.
+        labels: (N,) int64 hard labels of the samples before mixing, when a loader made the batch
+            (for accuracy metrics); a bare mix leaves it ``None``.
     """
 
     images: torch.Tensor
@@ -27,6 +29,7 @@ class MixedBatch:
     boxes: Optional[torch.Tensor]
     lam: torch.Tensor
     history_logits: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

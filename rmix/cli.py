@@ -19,7 +19,7 @@ import sys
 COMMANDS = {
     "shards": ("shards.cli", "write webdataset/FFCV shards and a manifest from CIFAR, ImageNet or digits"),
     "verify": ("shards.verify", "re-read every shard against its manifest"),
-    "bench": ("pipelines.bench", "loader and mix throughput benchmarks (--mix-only: mixes alone)"),
+    "bench": ("pipelines.bench", "loader throughput (--mix-only: mixes alone; --shards: sharding)"),
     "train": ("trainers.classify", "train a classifier (the seed's flags)"),
     "demo": ("trainers.demo", "shard the embedded digits and train with RecursiveMix"),
 }
@@ -40,11 +40,11 @@ def main(argv=None) -> None:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.exit(f"rmix: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
-    if name == "bench" and "--mix-only" in rest:
-        rest.remove("--mix-only")
-        module = "rmix.bench"
-    else:
-        module = COMMANDS[name][0]
+    module = COMMANDS[name][0]
+    for flag, target in (("--mix-only", "rmix.bench"), ("--shards", "shards.bench")):
+        if name == "bench" and flag in rest:  # the narrower benchmarks live beside what they measure
+            rest.remove(flag)
+            module = target
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -1,0 +1,107 @@
+"""CIFAR fast path (backend ``'memory'``): the whole split as one uint8 tensor on the device.
+
+CIFAR fits in memory, so per-sample pipelines only cost time: the split is decoded once from the
+shards, and pad-crop + flip + normalise + mix run batched on the device (the approach of
+cifar10-airbench). The epoch order is a permutation drawn from ``(seed, epoch)``, identical on every
+rank, and each rank takes a strided slice: train keeps ``floor(N / world)`` samples per rank and drops
+the last partial batch, eval keeps every sample exactly once across ranks. Augmentation draws come
+from a generator seeded by ``(seed, epoch, batch)``, so resuming at batch k needs no state at all.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .loader import Loader, split_files
+
+_CACHE: dict = {}  # (root, split) -> (images uint8 (N, 3, H, W), labels int64): decode once per process
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def load_split(manifest: dict, split: str, workers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a split from its webdataset shards, in shard order, as CPU tensors."""
+    key = (manifest["root"], split)
+    if key in _CACHE:
+        return _CACHE[key]
+    ext = manifest["splits"][split]["wds"]["ext"]
+    blobs, labels = [], []
+    for path in split_files(manifest, split, "wds"):
+        with tarfile.open(path, "r:") as tf:
+            pending = {}
+            for m in tf:
+                k, _, e = m.name.partition(".")
+                pending.setdefault(k, {})[e] = tf.extractfile(m).read()
+        for k, s in pending.items():
+            blobs.append(s[ext])
+            labels.append(int(s["cls"]))
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = list(pool.map(_decode_png, blobs, chunksize=256))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    _CACHE[key] = (images, torch.tensor(labels, dtype=torch.int64))
+    return _CACHE[key]
+
+
+def batch_crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """RandomCrop(size, padding=pad) + RandomHorizontalFlip for a whole batch, in two gathers.
+
+    Zero padding as torchvision's RandomCrop; draws come from ``gen`` (CPU) and only the small index
+    tensors travel to the device.
+    """
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    cols = dx[:, None] + torch.arange(w)[None, :]
+    if flip:
+        flips = torch.rand(n, generator=gen) < 0.5
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+    rows = (dy[:, None] + torch.arange(h)[None, :]).to(images.device, non_blocking=True)
+    cols = cols.to(images.device, non_blocking=True)
+    out = torch.gather(padded, 2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
+    return torch.gather(out, 3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+class MemoryLoader(Loader):
+    backend = "memory"
+
+    def __init__(self, manifest, split, **kw):
+        super().__init__(manifest, split, **kw)
+        if self.preset.kind != "cifar":
+            raise ValueError(f"backend 'memory' is the CIFAR fast path; preset {self.preset.name!r} needs dali, ffcv or torch")
+        images, labels = load_split(self.manifest, split, self.num_workers)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+
+    def _indices(self) -> torch.Tensor:
+        n = self.images.shape[0]
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            per_rank = n // self.world_size
+            return order[self.rank :: self.world_size][:per_rank]
+        return torch.arange(n)[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = self.images.shape[0]
+        if self.train:
+            return (n // self.world_size) // self.batch_size
+        return -(-len(range(self.rank, n, self.world_size)) // self.batch_size)
+
+    def _batches(self, start: int) -> Iterator:
+        idx = self._indices().to(self.device)
+        for b in range(start, len(self)):
+            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images.index_select(0, sel)
+            if self.train:
+                gen = torch.Generator().manual_seed(hash((self.seed, self.rank, self.epoch, b)) & 0x7FFFFFFF)
+                images = batch_crop_flip(images, self.preset.pad, gen)
+            yield images, self.labels.index_select(0, sel)
