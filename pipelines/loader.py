@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from rmix import Mix, MixedBatch, NoMix
+from rmix import Mix, MixedBatch, NoMix, RecursiveMix
 from shards.errors import ShardError
 from shards.manifest import load_manifest
 
@@ -60,6 +60,9 @@ def split_files(manifest: dict, split: str, fmt: str) -> list[Path]:
 class Loader:
     """Base of every backend: an iterable of :class:`rmix.MixedBatch` on the training device.
 
+    Each batch is a fresh tensor the caller may read but must not modify in place (a RecursiveMix
+    history keeps a reference to it until the next batch).
+
     Subclasses implement ``_batches(start)`` (raw ``(images, labels)`` from batch ``start`` of the
     current epoch), ``__len__`` and optionally ``_backend_state`` / ``_load_backend_state``.
     """
@@ -84,6 +87,10 @@ class Loader:
         self.mix = mix if mix is not None else NoMix(num_classes=self.num_classes)
         if getattr(self.mix, "num_classes", None) is None:
             self.mix.num_classes = self.num_classes
+        if isinstance(self.mix, RecursiveMix):
+            # every backend hands the mix a fresh tensor per batch and the trainer only reads it, so
+            # the history can hold a reference instead of a full-batch copy (measured in rmix bench)
+            self.mix.copy_history = False
         self.channels_last, self.dtype = channels_last, DTYPES[dtype]
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
         self.num_samples = int(self.manifest["splits"][split]["num_samples"]) if split in self.manifest["splits"] else 0

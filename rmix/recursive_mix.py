@@ -52,6 +52,9 @@ class RecursiveMix(Mix):
         interpolation: 'nearest' (seed default) or 'bilinear'.
         box: 'batch' (one box for the whole batch, as the seed) or 'sample' (a box per sample).
         keep_history_across_epochs: if False (seed), ``set_epoch`` clears the history.
+        copy_history: copy each mixed batch into a persistent history buffer (safe whatever the caller
+            does with the batch afterwards). Our loaders set it False: they hand the mix a fresh tensor
+            every batch and the trainer only reads it, so keeping a reference saves a full-batch copy.
         num_classes, smoothing, seed: see :class:`rmix.base.Mix`.
 
     Use::
@@ -71,6 +74,7 @@ class RecursiveMix(Mix):
         interpolation: str = "nearest",
         box: str = "batch",
         keep_history_across_epochs: bool = False,
+        copy_history: bool = True,
         num_classes: Optional[int] = None,
         smoothing: float = 0.0,
         seed: int = 0,
@@ -86,6 +90,7 @@ class RecursiveMix(Mix):
         self.interpolation = interpolation
         self.box = box
         self.keep_history_across_epochs = keep_history_across_epochs
+        self.copy_history = copy_history
         self.reset()
 
     # -- history ------------------------------------------------------------------------------
@@ -117,8 +122,11 @@ class RecursiveMix(Mix):
         self._logits = logits.detach()
 
     def _remember(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        # Copy into the persistent buffers when shapes allow: the caller (or DALI) may reuse the
-        # memory of ``images`` for the next batch, and re-allocating every step fragments the cache.
+        if not self.copy_history:
+            self._images, self._targets, self._logits = images.detach(), targets.detach(), None
+            return
+        # Copy into the persistent buffers when shapes allow: the caller may reuse the memory of
+        # ``images`` for the next batch, and re-allocating every step fragments the allocator's cache.
         if (
             self._images is not None
             and self._images.shape == images.shape

@@ -287,3 +287,18 @@ def test_paste_one_box_uint8_bilinear_rounds():
     src = torch.tensor([[[[0, 255], [255, 0]]]], dtype=torch.uint8)
     paste_one_box(dst, src, np.array([0, 0, 3, 3]), "bilinear")
     assert dst[0, 0, 1, 1].item() == 128  # centre of a 0/255 checkerboard, rounded
+
+
+@pytest.mark.parametrize("box", ["batch", "sample"])
+def test_reference_history_equals_copied_history(box):
+    """copy_history=False (what our loaders use) mixes exactly like the copying default."""
+    a = RecursiveMix(alpha=1.0, box=box, num_classes=10, seed=3)
+    b = RecursiveMix(alpha=1.0, box=box, num_classes=10, seed=3, copy_history=False)
+    for s in range(4):
+        x, y = batch(seed=s)
+        ra, rb = a(x.clone(), y), b(x.clone(), y)
+        assert torch.equal(ra.images, rb.images) and torch.equal(ra.targets, rb.targets)
+        logits = torch.randn(6, 10)
+        a.record_logits(logits)
+        b.record_logits(logits)
+    assert torch.equal(a.state_dict()["images"], b.state_dict()["images"])

@@ -1,0 +1,123 @@
+"""One typed configuration for training: the seed's flags verbatim, plus ours.
+
+The dataclass is the single source of defaults; the argparse parser is generated from it, so
+``--flag`` and the field share one name, type and help. Invalid combinations fail at start with one
+line (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A bad flag or combination; its message is the one line the user sees."""
+
+
+def _f(default, help: str, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # -- the seed's flags (implus/RecursiveMix-pytorch main.py) ------------------------------------
+    name: str = _f("run", "experiment name: logs and checkpoints go to SAVE_DIR/DATA/NAME")
+    data: str = _f("digits", "dataset", choices=("cifar10", "cifar100", "imagenet", "digits"))
+    data_dir: str = _f("data/shards/digits", "output of `make shards` for this dataset (holds manifest.json)")
+    save_dir: str = _f("./logs", "root of logs and checkpoints")
+    model_file: str = _f("resnet", "model family (resnet, pyramidnet, small)")
+    model_name: str = _f("resnet18", "model in the family (resnet18, resnet50, pyramidnet_200_240, small_cnn, ...)")
+    epoch: int = _f(200, "number of epochs")
+    optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adamw"))
+    scheduler: str = _f("cos", "learning-rate schedule (per epoch, as the seed)", choices=("step", "cos"))
+    schedule: list = _f((100, 150), "epochs at which the step schedule decays", nargs="+", type=int)
+    batch_size: int = _f(128, "global batch size, divided by the world size as in the seed")
+    warmup: int = _f(0, "linear warm-up epochs")
+    lr: float = _f(0.1, "base learning rate")
+    lr_decay: float = _f(0.1, "step schedule decay factor")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "weight decay")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    smoothing: float = _f(0.0, "label smoothing (seed convention: smoothing / (K - 1) off the label)")
+    save_model: bool = _f(False, "keep the best checkpoint as well as latest (latest is always written)")
+    print_freq: int = _f(100, "log a line every N steps")
+    random_seed: int = _f(27, "seed of model init, loaders and mixes")
+    num_workers: int = _f(16, "decode workers in total, divided by the world size as in the seed")
+    resume: str = _f("", "checkpoint to resume from: best, latest or a path")
+    evaluate: bool = _f(False, "only evaluate (with --resume) and print Acc@1/Acc@5")
+    aug: str = _f("none", "batch mix", choices=("none", "mixup", "cutmix", "resizemix", "recursive_mix"))
+    aug_alpha: float = _f(0.5, "alpha of the mix (RM: box side = sqrt(U(0, alpha)))")
+    aug_omega: float = _f(0.5, "weight of RecursiveMix's ROI consistency loss")
+    aug_plus: bool = _f(False, "ImageNet: add ColorJitter 0.4 and PCA lighting 0.1")
+    interpolate_mode: str = _f("nearest", "how RM resizes the history", choices=("nearest", "bilinear"))
+    share_fc: bool = _f(False, "ROI head shares the classifier fc")
+    # -- ours --------------------------------------------------------------------------------------
+    loader: str = _f("dali", "loader backend", choices=("dali", "memory", "ffcv", "torch"))
+    device: str = _f("auto", "auto (CUDA when available), cpu, cuda")
+    channels_last: bool = _f(False, "channels_last memory format for images and model")
+    amp: str = _f("off", "mixed precision on CUDA (CPU always runs fp32)", choices=("off", "fp16", "bf16"))
+    rm_box: str = _f("batch", "RM box per batch (seed) or per sample", choices=("batch", "sample"))
+    keep_history: bool = _f(False, "RM: keep the history across epochs (seed resets it)")
+    stop_after_steps: int = _f(0, "save latest and exit after this many steps in total (a scheduled preemption)")
+    # accepted for the seed's launcher, ignored: torchrun sets the environment instead
+    local_rank: int = _f(-1, argparse.SUPPRESS)
+    ddp: Optional[str] = _f(None, argparse.SUPPRESS)
+
+    def validate(self) -> "TrainConfig":
+        if self.batch_size < 1 or self.epoch < 1:
+            raise ConfigError("--batch_size and --epoch must be >= 1")
+        if self.evaluate and not self.resume:
+            raise ConfigError("--evaluate needs --resume (best, latest or a checkpoint path)")
+        if self.loader == "memory" and self.data == "imagenet":
+            raise ConfigError("--loader memory is the CIFAR fast path; ImageNet needs dali, ffcv or torch")
+        if self.aug_plus and self.data != "imagenet":
+            raise ConfigError("--aug_plus is the ImageNet colour augmentation; it does not apply to " + self.data)
+        if self.aug == "recursive_mix" and not 0 < self.aug_alpha <= 1:
+            raise ConfigError(f"--aug_alpha for recursive_mix must be in (0, 1], got {self.aug_alpha}")
+        if self.aug != "recursive_mix" and self.share_fc:
+            raise ConfigError("--share_fc only applies to --aug recursive_mix")
+        if not 0 <= self.smoothing < 1:
+            raise ConfigError(f"--smoothing must be in [0, 1), got {self.smoothing}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["schedule"] = list(d["schedule"])
+        return d
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "t"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean expected, got {v!r}")
+
+
+def build_parser(prog: str = "rmix train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a classifier with RecursiveMix (the seed's flags).",
+                                allow_abbrev=False)
+    for f in dataclasses.fields(TrainConfig):
+        meta, flag = f.metadata, "--" + f.name
+        kw = {"help": meta["help"], "default": f.default}
+        if f.type in ("bool", bool) and f.default is False:
+            p.add_argument(flag, action="store_true", **kw)
+            continue
+        if meta.get("nargs"):
+            kw.update(nargs=meta["nargs"], type=meta["type"])
+        elif f.name == "ddp":
+            kw.update(type=_str2bool)
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str) if isinstance(f.type, str) else f.type
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        p.add_argument(flag, **kw)
+    return p
+
+
+def parse_config(argv=None, prog: str = "rmix train") -> TrainConfig:
+    args = build_parser(prog).parse_args(argv)
+    return TrainConfig(**vars(args)).validate()
