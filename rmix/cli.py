@@ -19,7 +19,7 @@ import sys
 COMMANDS = {
     "shards": ("shards.cli", "write webdataset/FFCV shards and a manifest from CIFAR, ImageNet or digits"),
     "verify": ("shards.verify", "re-read every shard against its manifest"),
-    "bench": ("pipelines.bench", "loader throughput (--mix-only: mixes alone; --shards: sharding)"),
+    "bench": ("pipelines.bench", "loader throughput (--mix-only: mixes; --shards: sharding; --train: trainer fed by loader)"),
     "train": ("trainers.classify", "train a classifier (the seed's flags)"),
     "demo": ("trainers.demo", "shard the embedded digits and train with RecursiveMix"),
 }
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     if name not in COMMANDS:
         sys.exit(f"rmix: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
     module = COMMANDS[name][0]
-    for flag, target in (("--mix-only", "rmix.bench"), ("--shards", "shards.bench")):
+    for flag, target in (("--mix-only", "rmix.bench"), ("--shards", "shards.bench"), ("--train", "trainers.bench")):
         if name == "bench" and flag in rest:  # the narrower benchmarks live beside what they measure
             rest.remove(flag)
             module = target
