@@ -11,6 +11,7 @@ files as an uninterrupted run; a finished run is a no-op. The manifest is writte
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing as mp
 import os
 import time
@@ -99,8 +100,6 @@ class Journal:
         self.path = root / JOURNAL
         self.state = {"params": params, "splits": {}}
         if self.path.is_file():
-            import json
-
             with open(self.path) as f:
                 old = json.load(f)
             if old.get("params") != params:
@@ -144,8 +143,6 @@ def build(params: ShardParams, src: Optional[Path], out: Path, workers: int = 0,
 
     mpath = manifest_path(root)
     if mpath.is_file():
-        import json
-
         with open(mpath) as f:
             done = json.load(f)
         if done.get("params") == pdict:

@@ -84,11 +84,11 @@ def seed_lr(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos((epoch - 1) * math.pi / cfg.epoch))
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """Counts of top-k hits, as a tensor on the logits' device (no host sync)."""
     k = min(max(ks), logits.shape[1])
-    pred = logits.topk(k, 1).indices
-    hit = pred.eq(labels[:, None])
-    return [hit[:, : min(kk, k)].any(1).sum().item() for kk in ks]
+    hit = logits.topk(k, 1).indices.eq(labels[:, None])
+    return torch.stack([hit[:, : min(kk, k)].any(1).sum() for kk in ks]).double()
 
 
 def rng_state() -> dict:
@@ -167,12 +167,12 @@ def run(cfg: TrainConfig) -> dict:
 
     def evaluate(epoch: int) -> tuple[float, float]:
         model.eval()
-        sums = [0.0, 0.0, 0.0]
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
         with torch.no_grad(), autocast():
             for b in val_loader:
-                c1, c5 = topk_correct(ddp_model(b.images), b.labels)
-                sums = [sums[0] + c1, sums[1] + c5, sums[2] + b.labels.shape[0]]
-        c1, c5, n = reduce_sum(sums, device, world)  # eval sees each sample once across ranks: exact
+                sums[:2] += topk_correct(ddp_model(b.images), b.labels)
+                sums[2] += b.labels.shape[0]
+        c1, c5, n = reduce_sum(sums.tolist(), device, world)  # eval sees each sample once across ranks: exact
         return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
 
     def evaluate_only(epoch: int) -> tuple[float, float]:
@@ -221,6 +221,19 @@ def run(cfg: TrainConfig) -> dict:
 
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+
+    def should_stop() -> bool:
+        """SIGTERM or the step budget. With DDP every rank must stop at the same step (the save
+        gathers every rank's loader state), so ranks agree on the flag every 20 steps."""
+        if cfg.stop_after_steps and step >= cfg.stop_after_steps:
+            return True
+        if world == 1:
+            return stop["flag"]
+        if step % 20:
+            return False
+        flag = torch.tensor([float(stop["flag"])], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
     metrics_path = out_dir / "metrics.csv"
     if master and not cfg.resume and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
@@ -240,7 +253,8 @@ def run(cfg: TrainConfig) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             model.train()
-            sums = np.zeros(5)  # loss*n, roi loss*n, correct@1, correct@5, n
+            # loss*n, roi loss*n, correct@1, correct@5, n: accumulated on the device, read at log time
+            sums_dev = torch.zeros(5, dtype=torch.float64, device=device)
             wait = compute = 0.0
             t_last = time.perf_counter()
             bar = tqdm(total=len(train_loader), initial=train_loader.position, disable=not master,
@@ -262,21 +276,23 @@ def run(cfg: TrainConfig) -> dict:
                 scaler.update()
                 step += 1
                 n = b.labels.shape[0]
-                c1, c5 = topk_correct(logits.detach(), b.labels)
-                sums += [loss.item() * n, roi_loss.item() * n, c1, c5, n]  # .item(): one sync per step, for the log
+                sums_dev += torch.cat([torch.stack([loss.detach(), roi_loss.detach()]).double() * n,
+                                       topk_correct(logits.detach(), b.labels), sums_dev.new_tensor([n])])
                 t_end = time.perf_counter()
                 wait += t_data - t_last
                 compute += t_end - t_data
                 t_last = t_end
                 bar.update(1)
                 if step % cfg.print_freq == 0:
+                    sums = sums_dev.tolist()  # the one host sync, every print_freq steps
                     log(f"Epoch [{epoch}/{cfg.epoch}][{train_loader.position}/{len(train_loader)}]\tlr {lr:.6f}\t"
                         f"Loss {sums[0] / sums[4]:.4f}\tROI {sums[1] / sums[4]:.4f}\tAcc@1 {100 * sums[2] / sums[4]:.2f}\t"
                         f"Acc@5 {100 * sums[3] / sums[4]:.2f}\t{sums[4] * world / max(wait + compute, 1e-9):.0f} img/s\t"
                         f"data-wait {100 * wait / max(wait + compute, 1e-9):.1f}%")
-                if stop["flag"] or (cfg.stop_after_steps and step >= cfg.stop_after_steps):
+                if should_stop():
                     raise Stop()
             bar.close()
+            sums = sums_dev.tolist()
             mid_epoch = False
             loss_avg, roi_avg, acc1_t, acc5_t, img_s, wait_frac = reduce_mean(
                 [sums[0] / max(sums[4], 1), sums[1] / max(sums[4], 1), 100 * sums[2] / max(sums[4], 1),
