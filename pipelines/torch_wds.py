@@ -4,8 +4,10 @@ workers (``wds.split_by_worker``); decoding and augmentation run in the workers,
 mix and everything after on the training device.
 
 Limits of this design, which DALI and the memory backend do not have: shards are the unit of
-splitting, so a rank sees whole shards (use at least ``world_size * num_workers`` shards), and
-resuming mid-epoch replays the epoch's order and skips the batches already seen.
+splitting, so a rank sees whole shards (use at least ``world_size * num_workers`` shards; in training
+a rank with fewer samples cycles its shards so every rank takes ``len()`` steps, and eval is exactly
+once across ranks only when shards divide evenly), and resuming mid-epoch replays the epoch's order
+and skips the batches already seen.
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ class TorchLoader(Loader):
         loader = wds.WebLoader(self._dataset(), batch_size=None, num_workers=self.num_workers, generator=gen,
                                pin_memory=self.device.type == "cuda")
         loader = loader.unbatched().batched(self.batch_size, partial=not self.train)
+        if self.train:
+            # every rank must take the same number of steps (DDP), but whole shards per rank can be
+            # uneven: cycle the rank's stream and cut the epoch at len() batches (webdataset's idiom)
+            loader = loader.repeat(2).with_epoch(len(self))
         for b, (images, labels) in enumerate(loader):
             if b < start:
                 continue  # resume: replay the epoch's deterministic order, skip what was seen
-            if self.train and b >= len(self):
-                break  # equal batch counts on every rank
             yield (images.to(self.device, non_blocking=True),
                    torch.as_tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True))

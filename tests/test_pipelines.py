@@ -221,3 +221,9 @@ def test_gpu_path_gives_cuda_batches(cifar_shards, backend):
     for b in L:
         assert b.images.is_cuda and b.targets.is_cuda and b.labels.is_cuda
         L.mix.record_logits(torch.zeros(b.images.shape[0], 10, device="cuda"))
+
+
+def test_torch_backend_uneven_shards_still_give_equal_steps(cifar_shards):
+    root, _ = cifar_shards  # 10 train shards over 3 ranks: 4 / 3 / 3 shards
+    counts = [sum(1 for _ in loader(root, "train", "torch", batch_size=8, rank=r, world_size=3)) for r in range(3)]
+    assert counts == [4, 4, 4]

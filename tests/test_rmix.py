@@ -302,3 +302,19 @@ def test_reference_history_equals_copied_history(box):
         a.record_logits(logits)
         b.record_logits(logits)
     assert torch.equal(a.state_dict()["images"], b.state_dict()["images"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("box", ["batch", "sample"])
+def test_recursive_mix_on_cuda_matches_cpu(box):
+    """The device follows the input: the same draws give the same mix on CUDA as on CPU."""
+    cpu = RecursiveMix(alpha=1.0, box=box, num_classes=10, seed=2)
+    gpu = RecursiveMix(alpha=1.0, box=box, num_classes=10, seed=2)
+    for s in range(3):
+        x, y = batch(seed=s)
+        rc, rg = cpu(x.clone(), y), gpu(x.clone().cuda(), y.cuda())
+        assert rg.images.is_cuda and rg.targets.is_cuda
+        assert torch.equal(rc.images, rg.images.cpu()) and torch.allclose(rc.targets, rg.targets.cpu())
+        logits = torch.randn(6, 10)
+        cpu.record_logits(logits)
+        gpu.record_logits(logits.cuda())
