@@ -279,3 +279,42 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 def test_unknown_dataset_flag_is_rejected():
     r = run_cli("shards", "--dataset", "mnist", "--out", "/tmp/x")
     assert r.returncode == 2 and "invalid choice: 'mnist'" in r.stderr
+
+
+def test_real_kill_9_then_rerun_gives_the_same_shards(tmp_path):
+    """A real SIGKILL in the middle of writing (possibly mid-shard), then the same command again."""
+    import json
+    import signal
+    import time
+
+    from shards.synthetic import write_cifar_like
+
+    src = write_cifar_like(tmp_path / "src", n_train=15000, n_val=500)
+    args = ["shards", "--dataset", "cifar10", "--src", str(src), "--formats", "wds", "--samples-per-shard", "500",
+            "--workers", "1", "--no-progress"]
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "rmix.cli", *args, "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "cifar10" / ".progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if len(json.loads(journal.read_text())["splits"]["train"]["shards"]) >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "cifar10" / "manifest.json").exists(), "finished before the kill: make the data bigger"
+    again = run_cli(*args, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "resuming after" in again.stdout
+
+    def files(root):
+        return {q.name: sha256_file(q) for q in sorted((root / "cifar10" / "wds").iterdir())}
+
+    assert files(tmp_path / "whole") == files(out)
+    assert len(read_wds(load_manifest(out / "cifar10"), "train")) == 15000
