@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import torch
-
 from .loader import Loader, decode_ascii_labels, split_files
 from .presets import Preset
 

@@ -45,14 +45,16 @@ def split_files(manifest: dict, split: str, fmt: str) -> list[Path]:
     entry = manifest["splits"][split]
     if fmt not in entry:
         raise ShardError(f"{root} has no {fmt} files for split {split!r}; rerun `rmix shards --formats {fmt}`")
-    items = entry["wds"]["shards"] if fmt == "wds" else [dict(entry["ffcv"], tar=entry["ffcv"]["path"])]
+    # (relative path, bytes) of each file: the wds tars, or the one FFCV beton
+    items = [(s["tar"], s["bytes"]) for s in entry["wds"]["shards"]] if fmt == "wds" else \
+        [(entry["ffcv"]["path"], entry["ffcv"]["bytes"])]
     files = []
-    for it in items:
-        path = root / it["tar"]
+    for rel, nbytes in items:
+        path = root / rel
         if not path.is_file():
             raise ShardError(f"missing shard {path}")
-        if os.path.getsize(path) != it["bytes"]:
-            raise ShardError(f"corrupt shard {path}: {os.path.getsize(path)} bytes, manifest says {it['bytes']}")
+        if os.path.getsize(path) != nbytes:
+            raise ShardError(f"corrupt shard {path}: {os.path.getsize(path)} bytes, manifest says {nbytes}")
         files.append(path)
     return files
 

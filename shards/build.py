@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from .errors import ShardError
 from .ffcv_writer import write_beton
-from .manifest import FORMAT_VERSION, MANIFEST, manifest_path, sha256_file, write_json_atomic
-from .sources import Encoded, ImageFolderSource, Reject, Source, open_source
+from .manifest import FORMAT_VERSION, manifest_path, sha256_file, write_json_atomic
+from .sources import ImageFolderSource, Reject, Source, open_source
 from .wds_writer import ShardInfo, WdsShardWriter
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "digits")

@@ -3,7 +3,6 @@
 import hashlib
 import sys
 
-import numpy as np
 import pytest
 import torch
 

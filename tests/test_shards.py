@@ -1,8 +1,5 @@
 """shards/: real formats in, webdataset + DALI index + FFCV out, read back by the upstream libraries."""
 
-import io
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
