@@ -3,12 +3,15 @@
 ``build_loader(manifest_or_dir, split, backend=..., ...)`` returns an iterable of
 :class:`rmix.MixedBatch` on the training device with ``len()``, ``set_epoch(e)``, ``state_dict()`` and
 ``load_state_dict()``. Backends: ``dali`` (default; GPU decode with CUDA, same graph on CPU),
-``memory`` (the CIFAR fast path), ``ffcv`` and ``torch`` (webdataset + torchvision).
+``memory`` (the CIFAR fast path), ``ffcv`` and ``torch`` (webdataset + torchvision). After each
+forward pass the trainer calls ``loader.record_logits(logits)`` (RecursiveMix's history).
+
+Building a loader checks its files in seconds (sizes, ``.idx`` against tar headers, the FFCV beton's
+metadata; :mod:`shards.checks`); ``rmix verify`` is the full, pixel-level check.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Union
 
 from rmix import Mix
@@ -18,11 +21,29 @@ from .loader import Loader, resolve_device
 from .presets import PRESETS, Preset, default_preset, get_preset
 
 BACKENDS = {
-    "dali": ("pipelines.dali", "DaliLoader"),
-    "memory": ("pipelines.memory", "MemoryLoader"),
-    "ffcv": ("pipelines.ffcv_loader", "FfcvLoader"),
-    "torch": ("pipelines.torch_wds", "TorchLoader"),
+    "dali": "DALI webdataset reader + decode/augment graph (GPU 'mixed' decode with CUDA, CPU without)",
+    "memory": "CIFAR fast path: the split as one uint8 tensor on the device, batched augmentation",
+    "ffcv": "FFCV Loader on our .beton",
+    "torch": "webdataset + PIL + torchvision in a DataLoader",
 }
+
+
+def backend_class(backend: str) -> type:
+    """The loader class of a backend. Imported on demand: DALI and FFCV take seconds to import, and
+    a user of one backend need not have the other installed."""
+    if backend == "dali":
+        from .dali import DaliLoader
+        return DaliLoader
+    if backend == "memory":
+        from .memory import MemoryLoader
+        return MemoryLoader
+    if backend == "ffcv":
+        from .ffcv_loader import FfcvLoader
+        return FfcvLoader
+    if backend == "torch":
+        from .torch_wds import TorchLoader
+        return TorchLoader
+    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
 def build_loader(manifest_or_dir, split: str, *, backend: str = "dali", batch_size: int, train: bool,
@@ -36,23 +57,23 @@ def build_loader(manifest_or_dir, split: str, *, backend: str = "dali", batch_si
         split: 'train' or 'val'.
         backend: 'dali', 'memory', 'ffcv' or 'torch'.
         batch_size: per-rank batch size.
-        train: shuffle, augment, drop the last partial batch; else pad so each sample is seen once.
-        device: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'.
+        train: shuffle, augment, drop the last partial batch; else each sample is seen exactly once
+            (across ranks), in the same preprocessing on every backend.
+        device: 'auto' (the current CUDA device when available, else cpu), 'cpu', 'cuda' (the current
+            CUDA device, ``torch.cuda.current_device()``), 'cuda:N'; anything else is a ValueError.
         rank, world_size: DDP position; each rank gets its own part of the data and its own seed.
         preset: a name from ``pipelines.presets.PRESETS`` or None for the dataset's default.
-        mix: a :mod:`rmix` mix (its history is owned here and saved in ``state_dict``), or None.
+        mix: a :mod:`rmix` mix (its history is owned here and saved in ``state_dict``), or None;
+            feed it the model's logits with ``loader.record_logits(logits)``.
         channels_last, dtype: memory format and dtype of the images handed to the trainer.
         num_workers: decode threads/processes (default: cores, at most 8).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    loader_cls = backend_class(backend)
     manifest = manifest_or_dir if isinstance(manifest_or_dir, dict) else load_manifest(manifest_or_dir)
     preset = get_preset(preset, manifest["dataset"], train)
-    module, cls = BACKENDS[backend]
-    loader_cls = getattr(importlib.import_module(module), cls)
     return loader_cls(manifest, split, batch_size=batch_size, train=train, preset=preset, device=device,
                       rank=rank, world_size=world_size, seed=seed, mix=mix, channels_last=channels_last,
                       dtype=dtype, num_workers=num_workers)
 
 
-__all__ = ["build_loader", "BACKENDS", "Loader", "PRESETS", "Preset", "default_preset", "resolve_device"]
+__all__ = ["build_loader", "backend_class", "BACKENDS", "Loader", "PRESETS", "Preset", "default_preset", "resolve_device"]

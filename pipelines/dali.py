@@ -1,41 +1,78 @@
 """DALI backend (the default): ``fn.readers.webdataset`` over our shards and ``.idx`` files, decode and
 augment in one DALI graph, then the mix on the batch as it leaves the iterator.
 
+The graph is the module-level ``@pipeline_def`` factory :func:`wds_pipeline` (the shape of NVIDIA's
+RN50 example, ``docs/examples/use_cases/pytorch/resnet50/main.py``): the reader is named ``"reader"``
+so the iterator sizes the epoch from it, and the augmentation subgraph is the plain function
+:func:`augment`. The loader only calls the factory; tests and benchmarks build the same graph.
+
 One switch: with CUDA the graph decodes with ``device='mixed'`` (nvJPEG / the hardware decoder, fused
-with the random crop) and augments on the GPU; without CUDA the same graph runs CPU operators with
-``device_id=None``. Sharding across DDP ranks is DALI's (``shard_id``/``num_shards``), shuffling uses a
-per-rank seed, train drops the last partial batch (equal batch counts on every rank, DALI's iterator
-stops all ranks together), eval pads and the iterator removes the padding so every sample is seen
-exactly once across ranks. Mid-epoch resume uses DALI's own checkpointing (``enable_checkpointing``).
+with the random crop) and augments on the GPU of ``device_id`` (:func:`dali_device_id`: always the
+resolved CUDA index, so ``device='cuda'`` means the current GPU); without CUDA the same graph runs CPU
+operators with ``device_id=None``. Sharding across DDP ranks is DALI's (``shard_id``/``num_shards``),
+the pipeline seed is ``derive_seed(seed, rank, 0, "reader")`` (DALI reshuffles on its own every
+epoch), train drops the last partial batch (equal batch counts on every rank, DALI's iterator stops
+all ranks together), eval pads and the iterator removes the padding so every sample is seen exactly
+once across ranks. Mid-epoch resume uses DALI's own checkpointing (``enable_checkpointing``).
+
+Start checks (:mod:`pipelines.checks`): DALI reads each sample at the offset its ``.idx`` lists and
+never parses the tar, so a damaged ``.idx`` or tar would silently feed wrong bytes; the loader checks
+each ``.idx`` against the manifest and the tar headers at its offsets before building the graph.
+``rmix verify`` is the full (pixel-level) check.
 
 Why the mix runs after the iterator and not inside the graph: measured in ``rmix bench`` (see
-``pipelines/bench.py``); the paste is a few strided copies of a batch that is already on the device,
+``tools/bench/loaders.py``); the paste is a few strided copies of a batch that is already on the device,
 while feeding history back through ``external_source`` would serialise the pipeline on the trainer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
-from .loader import Loader, decode_ascii_labels, split_files
+import torch
+
+from shards.checks import check_wds_split
+from shards.reader import split_files
+
+from .loader import Loader, decode_ascii_labels
 from .presets import Preset
+from .seeds import derive_seed
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as _e:
+    raise ImportError(f"backend 'dali' needs nvidia-dali ({_e}); install with `make setup` or "
+                      "pip install nvidia-dali-cuda130") from None
 
 LABEL_WIDTH = 8  # ASCII digits of a .cls entry, zero padded to a fixed width so batches are dense
 
 
-def _import_dali():
-    try:
-        from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-    except ImportError as e:
-        raise ImportError(f"backend 'dali' needs nvidia-dali ({e}); install with `make setup` or pip install nvidia-dali-cuda130") from None
-    return fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy
+def dali_device_id(device: torch.device) -> Optional[int]:
+    """DALI's ``device_id`` for a resolved training device: the CUDA index, or None (CPU-only graph).
+
+    A CUDA device without an index is refused: DALI would read it as None and build a CPU-only
+    pipeline while the graph asks for GPU operators. Resolve it first with
+    :func:`pipelines.loader.resolve_device` (bare 'cuda' -> the current GPU).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda" and device.index is not None:
+        return device.index
+    raise ValueError(f"DALI needs 'cpu' or an indexed CUDA device (cuda:N), got {str(device)!r}; "
+                     "resolve it with pipelines.loader.resolve_device")
 
 
-def augment(fn, types, encoded, preset: Preset, gpu: bool):
-    """The augmentation subgraph of a preset: encoded images -> normalised float CHW."""
+def augment(encoded, preset: Preset, gpu: bool):
+    """The augmentation subgraph of a preset: encoded images -> normalised float CHW.
+
+    ``preset=None`` decodes only (uint8 HWC RGB), for tests and benchmarks of the reader and decoder.
+    """
     decode_dev = "mixed" if gpu else "cpu"
     op_dev = "gpu" if gpu else "cpu"
+    if preset is None:
+        return fn.decoders.image(encoded, device=decode_dev, output_type=types.RGB)
     common = dict(dtype=types.FLOAT, output_layout="CHW", mean=list(preset.mean), std=list(preset.std))
     if preset.kind == "imagenet" and preset.train:
         # fused decode + RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)), as torchvision
@@ -66,6 +103,28 @@ def augment(fn, types, encoded, preset: Preset, gpu: bool):
     return fn.crop_mirror_normalize(images, device=op_dev, **common)
 
 
+@pipeline_def(enable_checkpointing=True)
+def wds_pipeline(files: Sequence[str], index_files: Sequence[str], ext: str, preset: Optional[Preset],
+                 shard_id: int = 0, num_shards: int = 1, gpu: bool = False, is_training: bool = False,
+                 initial_fill: int = 1024):
+    """Our webdataset shards -> ``(images, labels)``, as a DALI ``@pipeline_def`` factory.
+
+    Call it with the graph's arguments plus DALI's pipeline arguments (``batch_size``,
+    ``num_threads``, ``device_id`` -- None for a CPU-only graph, else the GPU that ``gpu=True`` runs
+    on --, ``seed``, ``prefetch_queue_depth``, ``checkpoint``). Training shuffles and drops nothing
+    here (the iterator drops the last partial batch); eval pads the last batch and sticks to its
+    shard so each sample is read exactly once across ``num_shards``. Labels are the ``.cls`` ASCII
+    digits zero-padded to ``LABEL_WIDTH`` bytes (:func:`pipelines.loader.decode_ascii_labels`).
+    """
+    encoded, cls = fn.readers.webdataset(
+        paths=list(files), index_paths=list(index_files), ext=[ext, "cls"], missing_component_behavior="error",
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=is_training, initial_fill=initial_fill,
+        pad_last_batch=not is_training, stick_to_shard=not is_training, name="reader")
+    images = augment(encoded, preset, gpu)
+    labels = fn.pad(cls, axes=(0,), shape=(LABEL_WIDTH,), fill_value=0)
+    return images, labels.gpu() if gpu else labels
+
+
 class DaliLoader(Loader):
     backend = "dali"
     # Epoch order comes from DALI's reader, which reshuffles on its own every epoch: set_epoch()
@@ -73,33 +132,24 @@ class DaliLoader(Loader):
 
     def __init__(self, manifest, split, **kw):
         super().__init__(manifest, split, **kw)
-        self._dali = _import_dali()
-        self._files = split_files(self.manifest, split, "wds")
+        self._device_id = dali_device_id(self.device)
+        files = split_files(self.manifest, split, "wds")
+        check_wds_split(self.manifest, split, files, self.rank, self.world_size)
+        root = self.manifest["root"]
+        self._files = [str(f) for f in files]
+        self._index_files = [f"{root}/{s['idx']}" for s in self.manifest["splits"][split]["wds"]["shards"]]
         self._ext = self.manifest["splits"][split]["wds"]["ext"]
         self._iterator = self._build(checkpoint=None)
 
     def _build(self, checkpoint):
-        fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy = self._dali
-        gpu = self.device.type == "cuda"
-        files, idx = [str(f) for f in self._files], [str(f)[: -len(".tar")] + ".idx" for f in self._files]
-        preset, train = self.preset, self.train
-
-        @pipeline_def(enable_checkpointing=True)
-        def pipeline():
-            encoded, cls = fn.readers.webdataset(
-                paths=files, index_paths=idx, ext=[self._ext, "cls"], missing_component_behavior="error",
-                shard_id=self.rank, num_shards=self.world_size, random_shuffle=train,
-                initial_fill=min(4096, max(self.batch_size * 4, 256)), pad_last_batch=not train,
-                stick_to_shard=not train, name="reader")
-            images = augment(fn, types, encoded, preset, gpu)
-            labels = fn.pad(cls, axes=(0,), shape=(LABEL_WIDTH,), fill_value=0)
-            return images, labels.gpu() if gpu else labels
-
-        pipe = pipeline(batch_size=self.batch_size, num_threads=self.num_workers,
-                        device_id=self.device.index if gpu else None,
-                        seed=self.seed * 1000 + self.rank, prefetch_queue_depth=2, checkpoint=checkpoint)
+        pipe = wds_pipeline(
+            files=self._files, index_files=self._index_files, ext=self._ext, preset=self.preset,
+            shard_id=self.rank, num_shards=self.world_size, gpu=self._device_id is not None,
+            is_training=self.train, initial_fill=min(4096, max(self.batch_size * 4, 256)),
+            batch_size=self.batch_size, num_threads=self.num_workers, device_id=self._device_id,
+            seed=derive_seed(self.seed, self.rank, 0, "reader"), prefetch_queue_depth=2, checkpoint=checkpoint)
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
-                                   last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+                                   last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
         return len(self._iterator)

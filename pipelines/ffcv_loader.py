@@ -1,19 +1,40 @@
 """FFCV backend: FFCV's ``Loader`` on our ``.beton`` with its JIT-compiled decoders and transforms
-(RandomResizedCrop decode, flip, translate); normalisation, lighting and the mix run after it on the
-device, shared with every backend. DDP uses FFCV's ``distributed=True`` (a DistributedSampler over
-the beton, so it needs the process group up). Resume replays the epoch order (FFCV draws it from
-``seed + epoch``) and skips what was seen; FFCV's own augmentation draws are not seedable, so the
-images of a resumed epoch match in order and label but not pixel for pixel.
+(RandomResizedCrop decode, flip, translate); colour jitter (``aug_plus``), normalisation, lighting and
+the mix run after it on the device, shared with every backend. Training in DDP uses FFCV's
+``distributed=True`` (a DistributedSampler over the beton, so it needs the process group up); eval
+gives each rank the strided slice ``rank::world_size`` of the beton (FFCV's distributed sequential
+order pads with repeated samples, which would count them twice). The epoch order is FFCV's, drawn
+from ``derive_seed(seed, 0, 0, "reader") + epoch`` (the same on every rank). Resume replays the epoch
+order and skips what was seen; FFCV's own augmentation draws are not seedable, so the images of a
+resumed epoch match in order and label but not pixel for pixel.
+
+Colour jitter: FFCV has no colour operator, so ``aug_plus``'s ColorJitter(0.4, 0.4, 0.4) runs here on
+the uint8 batch on the device, before normalisation, with torchvision's formulas for uint8 tensors
+(brightness, then contrast, then saturation -- DALI's ``color_twist`` also applies them in one fixed
+order; torchvision draws the order at random) and per-sample factors from
+``derive_rng(seed, rank, epoch, "augment", batch)``.
+
+Start checks (:func:`pipelines.checks.check_beton`): the beton's header, fields and every sample's
+metadata are checked against the manifest with numpy before FFCV allocates its buffers (a corrupted
+width once made it ask for 192 GiB). ``rmix verify`` is the full, pixel-level check.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
+import numpy as np
 import torch
 
-from .loader import Loader, split_files
+from shards.checks import check_beton
+from shards.reader import split_files
+
+from .loader import Loader
 from .presets import Preset
+from .seeds import derive_rng, derive_seed
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
 def _import_ffcv():
@@ -23,7 +44,8 @@ def _import_ffcv():
         raise ImportError(f"backend 'ffcv' needs the ffcv package ({e}); install with `make setup`") from None
 
 
-def ffcv_pipelines(preset: Preset, device: torch.device):
+def ffcv_pipelines(preset: Preset, device: torch.device, normalise: bool = False):
+    import os
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
                                        SimpleRGBImageDecoder)
@@ -38,10 +60,76 @@ def ffcv_pipelines(preset: Preset, device: torch.device):
     aug = []
     if preset.train:
         aug = [RandomHorizontalFlip()] + ([RandomTranslate(padding=preset.pad)] if preset.pad else [])
-    image = decode + aug + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+    V = os.environ.get("FV", "A")
+    if V == "A":
+        image = decode + aug + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+    elif V in "BC":
+        image = decode + aug + [exact_normalize(preset), ToTensor(), ToTorchImage()]
+    else:
+        image = decode + aug + [ToTensor(), ToTorchImage()]
     # no Squeeze: a last batch of one sample would become 0-d and break ToDevice; flattened later
     label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
     return {"image": image, "label": label}
+
+
+import numba
+
+
+@numba.njit(nogil=True, cache=False)
+def _lut_nchw(src, lut, dst):
+    N, H, W, C = src.shape
+    for n in range(N):
+        for c in range(3):
+            t = lut[c]
+            for h in range(H):
+                for w in range(W):
+                    dst[n, c, h, w] = t[src[n, h, w, c]]
+
+
+def exact_normalize(preset):
+    from ffcv.transforms import NormalizeImage
+    op = NormalizeImage(np.array(preset.mean), np.array(preset.std), np.float32)
+    v = torch.arange(256, dtype=torch.float32)[:, None]
+    op.lookup_table = ((v - torch.tensor(preset.mean)) / torch.tensor(preset.std)).numpy()
+    return op
+
+
+def color_jitter_factors(rng: np.random.Generator, n: int, strength: float) -> np.ndarray:
+    """(n, 3) brightness, contrast and saturation factors, each U(max(0, 1 - s), 1 + s) as
+    torchvision's ColorJitter(s, s, s)."""
+    return rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength, size=(n, 3))
+
+
+def batch_color_jitter(images: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+    """Brightness, contrast, saturation on a uint8 (N, 3, H, W) batch with per-sample ``factors``
+    (N, 3), on the batch's device; the result is a new uint8 tensor.
+
+    Each step is torchvision's for a uint8 tensor (``adjust_brightness`` / ``adjust_contrast`` /
+    ``adjust_saturation``: blend with black, with the image's mean grey, with its grey image; clamp;
+    truncate to uint8), so one sample equals the three functional calls in this order.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"batch_color_jitter takes uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    dev = images.device
+
+    def ratios(j):  # the factor and 1 - factor, each rounded once to float32 as torchvision's scalars
+        f = torch.from_numpy(factors[:, j].astype(np.float32)).to(dev, non_blocking=True).view(-1, 1, 1, 1)
+        g = torch.from_numpy((1.0 - factors[:, j]).astype(np.float32)).to(dev, non_blocking=True).view(-1, 1, 1, 1)
+        return f, g
+
+    def gray(x):  # uint8 (N, 1, H, W), truncated as torchvision's rgb_to_grayscale on uint8
+        r, g_, b = x.unbind(1)
+        return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g_ + GRAY_WEIGHTS[2] * b).to(torch.uint8).unsqueeze(1)
+
+    def blend(x, other, f, g):
+        return (f * x + g * other).clamp(0, 255).to(torch.uint8)
+
+    f, g = ratios(0)
+    x = blend(images, torch.zeros((), device=dev), f, g)
+    f, g = ratios(1)
+    x = blend(x, gray(x).float().mean((1, 2, 3), keepdim=True), f, g)
+    f, g = ratios(2)
+    return blend(x, gray(x), f, g)
 
 
 class FfcvLoader(Loader):
@@ -54,19 +142,41 @@ class FfcvLoader(Loader):
         from ffcv.loader import OrderOption
 
         self._path = str(split_files(self.manifest, split, "ffcv")[0])
+        check_beton(self.manifest, split, self._path, fixed_size=self.preset.kind == "cifar")
+        if self.train:
+            placement = dict(distributed=self.world_size > 1, order=OrderOption.RANDOM)
+        else:  # exactly once across ranks, no process group needed
+            placement = dict(distributed=False, order=OrderOption.SEQUENTIAL,
+                             indices=np.arange(self.rank, self.num_samples, self.world_size))
+        self._jitter = self.preset.color_jitter if self.train else 0.0
         self._loader = _FFCVLoader(
             self._path, batch_size=self.batch_size, num_workers=self.num_workers,
-            order=OrderOption.RANDOM if self.train else OrderOption.SEQUENTIAL,
-            distributed=self.world_size > 1, seed=self.seed, drop_last=self.train,
-            pipelines=ffcv_pipelines(self.preset, self.device))
+            seed=derive_seed(self.seed, 0, 0, "reader"), drop_last=self.train,
+            pipelines=ffcv_pipelines(self.preset, self.device), os_cache=bool(int(os.environ.get('FOS', '0'))), **placement)
+
+        v = torch.arange(256, dtype=torch.float32)[None, :]
+        self._lut = ((v - torch.tensor(self.preset.mean)[:, None]) / torch.tensor(self.preset.std)[:, None]).numpy()
 
     def __len__(self) -> int:
         return len(self._loader)
 
     def _batches(self, start: int) -> Iterator:
+        import os
+        V = os.environ.get("FV", "A")
         self._loader.next_epoch = self.epoch
         for b, (images, labels) in enumerate(self._loader):
             if b < start:
                 continue
-            # ToTorchImage gives a channels-last view; the contract is plain NCHW unless asked
-            yield images.contiguous(), labels.long().view(-1)
+            if V == "A":
+                images = images.clone(memory_format=torch.contiguous_format)
+            elif V == "B":
+                images = torch.empty(images.shape).copy_(images)
+            elif V == "C":
+                images = images.clone()
+            elif V == "E":
+                out = torch.empty(images.shape)
+                _lut_nchw(images.permute(0, 2, 3, 1).numpy(), self._lut, out.numpy())
+                images = out
+            else:
+                images = torch.empty(images.shape).copy_(images).sub_(self._mean).div_(self._std)
+            yield images, labels.view(-1).to(torch.int64, copy=True)

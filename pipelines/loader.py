@@ -5,58 +5,64 @@ A backend produces ``(images, labels)`` on the training device: images either ui
 device and in this order: normalisation if needed, PCA lighting (``aug_plus``), dtype and memory format,
 and the mix — so the trainer never sees an unmixed batch when a mix is on. It also owns the
 epoch/position bookkeeping and the ``state_dict`` protocol; a backend adds its own state.
+
+Every random stream (shuffles, augmentation, lighting, worker seeds) is derived with
+:func:`pipelines.seeds.derive_seed` from ``(seed, rank, epoch, stream)``; no backend has its own formula.
+
+What a loader checks when it is built (seconds, before any decoding; see :mod:`pipelines.checks`):
+every file of the split exists with the manifest's size, each webdataset tar's ``.idx`` has the
+manifest's checksum and the tar header at every offset it lists is intact and names that member, and
+an FFCV beton's header, fields and per-sample metadata agree with the manifest. Damaged pixel bytes of
+the right size pass these checks: ``rmix verify`` (checksums and a decode of every sample) is the full
+check.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 
-from rmix import Mix, MixedBatch, NoMix, RecursiveMix
-from shards.errors import ShardError
+from rmix import Mix, MixedBatch, NoMix
 from shards.manifest import load_manifest
 
 from .presets import PCA_EIGVAL, PCA_EIGVEC, Preset
+from .seeds import derive_rng
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def resolve_device(device) -> torch.device:
-    """'auto' -> cuda (this process's current GPU) when available, else cpu."""
-    if device in (None, "auto"):
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
+
+
+def resolve_device(device="auto") -> torch.device:
+    """The training device of a loader, always with an index when it is a GPU.
+
+    'auto' (or None) -> this process's current CUDA device when CUDA is available, else cpu;
+    'cuda' -> the current CUDA device (``torch.cuda.current_device()``, which DDP trainers set to
+    LOCAL_RANK), so every consumer (DALI's ``device_id`` included) sees the same GPU; 'cuda:N' ->
+    GPU N; 'cpu'. A ``torch.device`` is accepted in the same forms. Anything else raises one
+    ``ValueError`` line.
+    """
+    spec = "auto" if device is None else str(device)
+    m = _DEVICE_RE.fullmatch(spec)
+    if m is None:
+        raise ValueError(f"device must be {DEVICE_FORMS}, got {device!r}")
+    if spec == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' asked for, but CUDA is not available; use device='auto' or 'cpu'")
-    return device
-
-
-def split_files(manifest: dict, split: str, fmt: str) -> list[Path]:
-    """The files of one split in one format, checked to exist with the manifest's sizes (a cheap stat
-    per file that catches missing and truncated shards before any worker starts)."""
-    root = Path(manifest["root"])
-    if split not in manifest["splits"]:
-        raise ShardError(f"split {split!r} not in {root}/manifest.json (has {', '.join(manifest['splits'])})")
-    entry = manifest["splits"][split]
-    if fmt not in entry:
-        raise ShardError(f"{root} has no {fmt} files for split {split!r}; rerun `rmix shards --formats {fmt}`")
-    # (relative path, bytes) of each file: the wds tars, or the one FFCV beton
-    items = [(s["tar"], s["bytes"]) for s in entry["wds"]["shards"]] if fmt == "wds" else \
-        [(entry["ffcv"]["path"], entry["ffcv"]["bytes"])]
-    files = []
-    for rel, nbytes in items:
-        path = root / rel
-        if not path.is_file():
-            raise ShardError(f"missing shard {path}")
-        if os.path.getsize(path) != nbytes:
-            raise ShardError(f"corrupt shard {path}: {os.path.getsize(path)} bytes, manifest says {nbytes}")
-        files.append(path)
-    return files
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r} asked for, but CUDA is not available; use device='auto' or 'cpu'")
+    index = int(m.group(1)) if m.group(1) is not None else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"device={spec!r}, but this machine has {count} CUDA device(s): use cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 class Loader:
@@ -64,6 +70,19 @@ class Loader:
 
     Each batch is a fresh tensor the caller may read but must not modify in place (a RecursiveMix
     history keeps a reference to it until the next batch).
+
+    The loop, with the mix's contract explicit::
+
+        for b in loader:
+            logits = model(b.images)
+            ...
+            loader.record_logits(logits)   # RecursiveMix's history triplet; a no-op for other mixes
+
+    ``loader.mix`` stays readable (its ``state_dict`` is part of ``loader.state_dict()``), but the
+    trainer talks to the mix through :meth:`record_logits` only.
+
+    Start-of-loader checks (module header) catch missing, truncated and structurally damaged files in
+    seconds; ``rmix verify`` is the full, pixel-level check.
 
     Subclasses implement ``_batches(start)`` (raw ``(images, labels)`` from batch ``start`` of the
     current epoch), ``__len__`` and optionally ``_backend_state`` / ``_load_backend_state``.
@@ -89,15 +108,14 @@ class Loader:
         self.mix = mix if mix is not None else NoMix(num_classes=self.num_classes)
         if getattr(self.mix, "num_classes", None) is None:
             self.mix.num_classes = self.num_classes
-        if isinstance(self.mix, RecursiveMix):
-            # every backend hands the mix a fresh tensor per batch and the trainer only reads it, so
-            # the history can hold a reference instead of a full-batch copy (measured in rmix bench)
-            self.mix.copy_history = False
+        # every backend hands the mix a fresh tensor per batch and the trainer only reads it, so a
+        # mix with history may hold a reference instead of a full-batch copy (measured in rmix bench)
+        self.mix.borrow_batches()
         self.channels_last, self.dtype = channels_last, DTYPES[dtype]
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
         self.num_samples = int(self.manifest["splits"][split]["num_samples"]) if split in self.manifest["splits"] else 0
         self.epoch, self.position = 0, 0
-        self._lighting_rng = np.random.default_rng([seed, rank, 7])
+        self._lighting_rng = derive_rng(seed, rank, 0, "lighting")  # one stream for the run, saved in state_dict
         self._mean = torch.tensor(preset.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(preset.std, device=self.device).view(1, 3, 1, 1)
         if preset.lighting:
@@ -116,6 +134,15 @@ class Loader:
         self.epoch, self.position = epoch, 0
         self.mix.set_epoch(epoch)
 
+    def record_logits(self, logits: torch.Tensor) -> None:
+        """Hand the model's logits on the last batch to the mix (RecursiveMix's history triplet).
+
+        The documented path from the trainer to the mix: call it after every forward pass with the
+        logits of the batch just yielded (they are detached here). A no-op for mixes whose
+        ``uses_logits`` is False."""
+        if self.mix.uses_logits:
+            self.mix.record_logits(logits.detach())
+
     def __iter__(self) -> Iterator[MixedBatch]:
         for images, labels in self._batches(self.position):
             self.position += 1
@@ -124,17 +151,31 @@ class Loader:
         self.set_epoch(self.epoch + 1)
 
     def _finish(self, images: torch.Tensor, labels: torch.Tensor) -> MixedBatch:
-        if not images.is_floating_point():
-            images = (images.float() - self._mean) / self._std
-        if self.preset.lighting and self.train:
-            images = self._lighting(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if images.dtype != self.dtype:
-            images = images.to(self.dtype)
-        batch = self.mix(images, labels)
+        # A uint8 batch is mixed before normalisation when the mix only copies pixels (nearest paste,
+        # CutMix): normalisation is a per-channel affine map, so the result is the same, on a quarter
+        # of the bytes, and normalisation becomes the one float conversion the batch needs anyway.
+        # PCA lighting is per sample and must act before the paste, so it keeps the float order.
+        if not images.is_floating_point() and self.mix.exact_on_uint8 and not (self.preset.lighting and self.train):
+            batch = self.mix(images, labels)
+            batch.images = self._to_model(self._normalise(batch.images))
+        else:
+            if not images.is_floating_point():
+                images = self._normalise(images)
+            if self.preset.lighting and self.train:
+                images = self._lighting(images)
+            batch = self.mix(self._to_model(images), labels)
         batch.labels = labels
         return batch
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) on 0..255 -> float32 ``(x - mean) / std``, in one fresh tensor."""
+        return images.float().sub_(self._mean).div_(self._std)
+
+    def _to_model(self, images: torch.Tensor) -> torch.Tensor:
+        """The memory format and dtype the trainer asked for."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images if images.dtype == self.dtype else images.to(self.dtype)
 
     def _lighting(self, images: torch.Tensor) -> torch.Tensor:
         """AlexNet PCA lighting, per sample, in normalised space (offset / std)."""

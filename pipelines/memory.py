@@ -2,16 +2,21 @@
 
 CIFAR fits in memory, so per-sample pipelines only cost time: the split is decoded once from the
 shards, and pad-crop + flip + normalise + mix run batched on the device (the approach of
-cifar10-airbench). The epoch order is a permutation drawn from ``(seed, epoch)``, identical on every
-rank, and each rank takes a strided slice: train keeps ``floor(N / world)`` samples per rank and drops
-the last partial batch, eval keeps every sample exactly once across ranks. Augmentation draws come
-from a generator seeded by ``(seed, epoch, batch)``, so resuming at batch k needs no state at all.
+cifar10-airbench). The epoch order is a permutation drawn from ``derive_seed(seed, 0, epoch,
+"reader")``, identical on every rank, and each rank takes a strided slice: train keeps
+``floor(N / world)`` samples per rank and drops the last partial batch, eval keeps every sample exactly
+once across ranks. Augmentation draws come from ``derive_seed(seed, rank, epoch, "augment", batch)``,
+so resuming at batch k needs no state at all.
+
+Start checks: the tars are checked against their ``.idx`` (:mod:`pipelines.checks`), then read with
+:func:`shards.reader.iter_tar`; a sample count or a label that disagrees with the manifest, or a
+sample without its image or ``.cls``, is one :class:`ShardError` line naming the tar. Every image is
+decoded here, so a damaged PNG fails at start too; ``rmix verify`` remains the full check.
 """
 
 from __future__ import annotations
 
 import io
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -19,13 +24,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .loader import Loader, split_files
+from shards.checks import check_wds_split
+from shards.errors import ShardError
+from shards.reader import iter_tar, split_files
+
+from .loader import Loader
+from .seeds import derive_seed
 
 _CACHE: dict = {}  # (root, split) -> (images uint8 (N, 3, H, W), labels int64): decode once per process
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+def _decode_png(item: tuple[str, bytes]) -> np.ndarray:
+    name, data = item
+    try:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ShardError(f"{name}: cannot decode the image ({e})") from None
 
 
 def load_split(manifest: dict, split: str, workers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,18 +48,30 @@ def load_split(manifest: dict, split: str, workers: int = 4) -> tuple[torch.Tens
     if key in _CACHE:
         return _CACHE[key]
     ext = manifest["splits"][split]["wds"]["ext"]
+    num_classes = int(manifest["num_classes"])
+    files = split_files(manifest, split, "wds")
+    check_wds_split(manifest, split, files)
     blobs, labels = [], []
-    for path in split_files(manifest, split, "wds"):
-        with tarfile.open(path, "r:") as tf:
-            pending = {}
-            for m in tf:
-                k, _, e = m.name.partition(".")
-                pending.setdefault(k, {})[e] = tf.extractfile(m).read()
-        for k, s in pending.items():
-            blobs.append(s[ext])
-            labels.append(int(s["cls"]))
+    for path, shard in zip(files, manifest["splits"][split]["wds"]["shards"]):
+        count = 0
+        for k, sample in iter_tar(path, fields=(ext, "cls")):
+            if ext not in sample or "cls" not in sample:
+                raise ShardError(f"{path}: sample {k} has no .{ext if ext not in sample else 'cls'}")
+            try:
+                label = int(sample["cls"])
+            except ValueError:
+                raise ShardError(f"{path}: sample {k} has a non-integer label {sample['cls'][:16]!r}") from None
+            if not 0 <= label < num_classes:
+                raise ShardError(f"{path}: sample {k} has label {label}, outside 0..{num_classes - 1}")
+            blobs.append((f"{path}:{k}", sample[ext]))
+            labels.append(label)
+            count += 1
+        if count != int(shard["num_samples"]):
+            raise ShardError(f"{path}: {count} samples, manifest says {shard['num_samples']}")
     with ThreadPoolExecutor(workers) as pool:
         arrays = list(pool.map(_decode_png, blobs, chunksize=256))
+    if len({a.shape for a in arrays}) > 1:
+        raise ShardError(f"{manifest['root']}: split {split!r} mixes image sizes; the memory backend needs one size")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     _CACHE[key] = (images, torch.tensor(labels, dtype=torch.int64))
     return _CACHE[key]
@@ -85,7 +111,8 @@ class MemoryLoader(Loader):
     def _indices(self) -> torch.Tensor:
         n = self.images.shape[0]
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            # rank 0's stream on purpose: every rank draws the same permutation and takes its slice
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, 0, self.epoch, "reader")))
             per_rank = n // self.world_size
             return order[self.rank :: self.world_size][:per_rank]
         return torch.arange(n)[self.rank :: self.world_size]
@@ -102,6 +129,6 @@ class MemoryLoader(Loader):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.images.index_select(0, sel)
             if self.train:
-                gen = torch.Generator().manual_seed(hash((self.seed, self.rank, self.epoch, b)) & 0x7FFFFFFF)
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.epoch, "augment", b))
                 images = batch_crop_flip(images, self.preset.pad, gen)
             yield images, self.labels.index_select(0, sel)

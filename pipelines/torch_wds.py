@@ -1,42 +1,241 @@
 """Torch backend: ``webdataset`` + PIL + torchvision transforms in a ``torch.utils.data.DataLoader``,
-the baseline users know. Shards are split across ranks (node splitter bound to our rank) and across
-workers (``wds.split_by_worker``); decoding and augmentation run in the workers, normalisation, the
-mix and everything after on the training device.
+the baseline users know. Shards are split across ranks (a seeded shard order, the same on every rank,
+sliced ``rank::world_size``); decoding and augmentation run in the workers, which build each batch
+straight into shared memory; normalisation, the mix and everything after run on the training device.
 
-Limits of this design, which DALI and the memory backend do not have: shards are the unit of
-splitting, so a rank sees whole shards (use at least ``world_size * num_workers`` shards; in training
-a rank with fewer samples cycles its shards so every rank takes ``len()`` steps, and eval is exactly
-once across ranks only when shards divide evenly), and resuming mid-epoch replays the epoch's order
-and skips the batches already seen.
+Splitting across workers (the unit is the batch, so every worker is busy whatever the shard count):
+global batch ``k`` of a rank's epoch is made by worker ``k % num_workers`` (counted from the batch the
+pass starts at), and the DataLoader's in-order round robin hands them out in order. Where the batch's
+samples come from:
+
+* sample split (eval always; training when the rank has fewer shards than workers, or the workers'
+  whole-shard shares would differ by more than 10 %): every worker reads the rank's whole stream of
+  raw tar members -- the same shard order and shuffle buffer in every worker -- and decodes only the
+  samples of its own batches. The batches are exactly those of one worker reading alone; the cost is
+  reading the rank's bytes once per worker (a tar member skipped is not decoded);
+* shard split (training, at least one shard per worker): worker ``w`` reads only its own shards
+  ``rank_shards[w::num_workers]`` with its own shuffle buffer and cycles them for its share of the
+  batches, so each byte is read once (webdataset's ``split_by_worker``, with full batches per worker).
+
+In training every rank takes ``len()`` = ``(num_samples // world_size) // batch_size`` full batches,
+cycling its shards when it has fewer samples (webdataset's ``repeat`` + ``with_epoch`` idiom); eval
+reads every sample exactly once across ranks (ranks get uneven counts when shards do not divide
+evenly) and the last batch may be partial. Augmentation draws are seeded per batch,
+``derive_seed(seed, rank, epoch, "workers", k)``, so batch ``k`` is the same whichever worker makes
+it and however many workers there are: resuming mid-epoch tells the workers the batch to start from,
+and they skip the raw samples before it without decoding them, to the same pixels.
+
+The workers persist across epochs (``persistent_workers``); the epoch and the start batch reach them
+through a two-element shared-memory tensor read when each pass begins.
+
+Seeds (:mod:`pipelines.seeds`): the shard order is ``derive_seed(seed, 0, epoch, "reader")`` (the same
+on every rank, which then takes its slice), the sample shuffle buffer ``(seed, rank, epoch,
+"shuffle", s)`` (``s`` = 0 for the rank's stream, ``w + 1`` for worker ``w``'s own shards) and the
+augmentation of batch ``k`` ``(seed, rank, epoch, "workers", k)``.
+
+Errors: the tars are checked against their ``.idx`` at start (:mod:`pipelines.checks`; Python's
+``tarfile`` reading a stream ends quietly at a damaged header, which would drop the rest of the shard).
+A read or decode error inside a DataLoader worker comes back as one :class:`ShardError` line naming
+the shard (and the sample when known), not a worker traceback. ``rmix verify`` is the full check.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import random
-from typing import Iterator
+from typing import Iterator, Optional
+
+import numpy as np
 
 import torch
 import webdataset as wds
+from PIL import Image
 from torchvision import transforms as T
 
-from .loader import Loader, split_files
+from shards.checks import check_wds_split
+from shards.errors import ShardError
+from shards.reader import split_files
+
+from .loader import Loader
 from .presets import Preset
+from .seeds import derive_seed
+
+_WORKER_PREFIX = f"{ShardError.__module__}.{ShardError.__name__}: "
 
 
-def torchvision_transform(preset: Preset):
-    """The seed's torchvision transform for a preset, ending in a uint8 CHW tensor."""
-    to_uint8 = T.PILToTensor()
+def raise_shard_error(exn: Exception) -> bool:
+    """webdataset handler: any read or decode error becomes one ShardError line naming the shard.
+
+    webdataset's tar iterators append the stream and url to ``exn.args`` and call the handler again
+    on the way out, so an error we raised already is re-raised with its first line only.
+    """
+    if isinstance(exn, ShardError):
+        raise ShardError(str(exn.args[0]) if exn.args else "shard error") from None
+    url = getattr(exn, "url", None) or next((a for a in exn.args if isinstance(a, str) and a.endswith(".tar")), None)
+    key = getattr(exn, "key", None)
+    cause = exn.__cause__ or exn
+    detail = str(cause.args[0]).split(" @ ")[0] if cause.args else ""
+    where = f"{url}" + (f": sample {key}" if key else "") if url else "a shard of this split"
+    raise ShardError(f"{where}: {type(cause).__name__}{': ' + detail if detail else ''}") from None
+
+
+def _one_line(e: ShardError) -> str:
+    """The original message of a ShardError re-raised by a DataLoader worker (which wraps it in the
+    worker's traceback)."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith(_WORKER_PREFIX):
+            return ln[len(_WORKER_PREFIX):]
+    return lines[-1] if lines else "shard error"
+
+
+def torchvision_transform(preset: Preset, to_tensor: bool = True):
+    """The seed's torchvision transform for a preset, ending in a uint8 CHW tensor (or, with
+    ``to_tensor=False``, in the PIL image the loader's workers write into their batch)."""
+    last = [T.PILToTensor()] if to_tensor else []
     if preset.kind == "imagenet" and preset.train:
         ops = [T.RandomResizedCrop(preset.size), T.RandomHorizontalFlip()]
         if preset.color_jitter:
             cj = preset.color_jitter
             ops.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
-        return T.Compose(ops + [to_uint8])
+        return T.Compose(ops + last)
     if preset.kind == "imagenet":
-        return T.Compose([T.Resize(preset.resize), T.CenterCrop(preset.size), to_uint8])
+        return T.Compose([T.Resize(preset.resize), T.CenterCrop(preset.size)] + last)
     if preset.train:
-        return T.Compose([T.RandomCrop(preset.size, padding=preset.pad), T.RandomHorizontalFlip(), to_uint8])
-    return to_uint8
+        return T.Compose([T.RandomCrop(preset.size, padding=preset.pad), T.RandomHorizontalFlip()] + last)
+    return T.Compose(last)
+
+
+def _shared_empty(shape, dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory: a worker's batch reaches the main process without a
+    copy (what ``default_collate`` does for the tensors it stacks)."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
+
+
+class _RankStream(torch.utils.data.IterableDataset):
+    """The batches of one rank's epoch, made inside the DataLoader's workers (module header).
+
+    Picklable and fixed for the loader's life; what changes per pass is read from ``state``, a
+    shared-memory int64 tensor the main process fills before each pass (:meth:`set_pass`): the start
+    batch, the shard-order seed, the shuffle seeds (rank stream, then one per worker) and one
+    augmentation seed per batch -- every seed derived in the main process, none in a worker.
+    """
+
+    def __init__(self, urls, counts, ext, transform, *, batch_size, train, rank, world_size, seed,
+                 num_batches, num_workers, normalise=None):
+        self.urls, self.counts, self.ext, self.transform = urls, counts, ext, transform
+        # (mean, std) on the 0..255 scale: the workers write normalised float32 (CPU training);
+        # None: uint8, normalised on the device after the copy (a quarter of the bytes to move)
+        self.normalise = None if normalise is None else tuple(
+            np.asarray(v, np.float32).reshape(3, 1, 1) for v in normalise)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.num_batches, self.num_workers = rank, world_size, num_batches, num_workers
+        self.state = torch.zeros(2 + num_workers + 1 + num_batches, dtype=torch.int64).share_memory_()
+
+    def set_pass(self, epoch: int, start: int) -> None:
+        """Seeds of ``epoch`` and the batch to start from, for the workers' next pass."""
+        seeds = [start, derive_seed(self.seed, 0, epoch, "reader")]  # the shard order: the same on every rank
+        seeds += [derive_seed(self.seed, self.rank, epoch, "shuffle", s) for s in range(self.num_workers + 1)]
+        self.state[:len(seeds)] = torch.tensor(seeds)
+        # batch k's augmentation, the same whichever worker makes it (only the batches still to come)
+        self.state[len(seeds) + start:] = torch.tensor(
+            [derive_seed(self.seed, self.rank, epoch, "workers", k) for k in range(start, self.num_batches)],
+            dtype=torch.int64)
+
+    def rank_shards(self, order_seed: int) -> list[int]:
+        """This rank's shards: an order the same on every rank (seeded in training), sliced."""
+        order = list(range(len(self.urls)))
+        if self.train:
+            random.Random(order_seed).shuffle(order)
+        return order[self.rank::self.world_size]
+
+    def worker_shards(self, order_seed: int, num_workers: int) -> Optional[list[list[int]]]:
+        """Shard split: each worker's own shards, or None for the sample split (module header)."""
+        shards = self.rank_shards(order_seed)
+        if not self.train or len(shards) < num_workers:
+            return None
+        own = [shards[w::num_workers] for w in range(num_workers)]
+        sizes = [sum(self.counts[i] for i in s) for s in own]
+        return own if min(sizes) >= 0.9 * max(sizes) else None
+
+    def _samples(self, shards: list[int], shuffle_seed: int, quota: Optional[int]):
+        """Raw (undecoded) samples of ``shards`` in the epoch's order; with a ``quota`` (training) the
+        shards cycle until that many samples."""
+        urls = [self.urls[i] for i in shards]
+        if quota is not None:
+            urls = urls * max(1, -(-quota // max(1, sum(self.counts[i] for i in shards))))
+        samples = wds.tarfile_samples(({"url": u} for u in urls), handler=raise_shard_error)
+        if self.train:
+            samples = wds.filters._shuffle(samples, 1000, 100, rng=random.Random(shuffle_seed))
+        return itertools.islice(samples, quota) if quota is not None else samples
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers != self.num_workers:
+            raise RuntimeError(f"_RankStream made for {self.num_workers} workers runs in {num_workers}")
+        state = self.state.tolist()  # read once: the main process fills it before the pass
+        start, order_seed, shuffle_seeds = state[0], state[1], state[2:3 + num_workers]
+        batch_seeds = state[3 + num_workers:]
+        mine = range(start + worker, self.num_batches, num_workers)  # the global batches this worker makes
+        if not mine:
+            return
+        B = self.batch_size
+        own = self.worker_shards(order_seed, num_workers)
+        if own is None:  # the rank's stream; this worker's batches are its positions mine[i]
+            stream = self._samples(self.rank_shards(order_seed), shuffle_seeds[0],
+                                   self.num_batches * B if self.train else None)
+            positions = mine
+        else:  # its own shards: global batch k is batch (k - lead) // num_workers of shard group lead
+            lead = mine[0] % num_workers
+            stream = self._samples(own[lead], shuffle_seeds[lead + 1],
+                                   len(range(lead, self.num_batches, num_workers)) * B)
+            positions = [(k - lead) // num_workers for k in mine]
+        pos = 0
+        for k, p in zip(mine, positions):
+            batch = []
+            for sample in stream:  # skip (without decoding) up to the batch, then take it
+                if pos >= p * B:
+                    batch.append(sample)
+                pos += 1
+                if pos >= (p + 1) * B:
+                    break
+            if not batch:
+                return
+            yield self._make_batch(batch, batch_seeds[k])
+
+    def _make_batch(self, samples: list[dict], seed: int):
+        """Decode and augment one batch straight into a shared-memory (N, 3, H, W) tensor, uint8 or
+        normalised float32; torchvision's random transforms draw from torch's generator, seeded per batch.
+
+        Normalising here, one sample at a time while it is in cache, is the same float32 arithmetic as
+        ``Loader._finish`` (``(x - mean) / std``), so the values are bit for bit the same; on a CPU it
+        costs half of the main process doing it on the whole batch (no large temporaries to fault in).
+        """
+        torch.manual_seed(seed)
+        out = out_np = None
+        labels = []
+        for i, sample in enumerate(samples):
+            try:
+                with Image.open(io.BytesIO(sample[self.ext])) as im:
+                    im.load()  # an RGB image is used as decoded (ImageFolder's convert("RGB") copies it)
+                    arr = np.asarray(self.transform(im if im.mode == "RGB" else im.convert("RGB")))
+                labels.append(int(sample["cls"]))
+            except Exception as e:  # noqa: BLE001 -- one ShardError line naming the shard and sample
+                e.url, e.key = sample.get("__url__"), sample.get("__key__")
+                raise_shard_error(e)
+            if out is None:
+                out = _shared_empty((len(samples), 3) + arr.shape[:2],
+                                    torch.uint8 if self.normalise is None else torch.float32)
+                out_np = out.numpy()
+            if self.normalise is None:
+                out_np[i] = arr.transpose(2, 0, 1)
+            else:
+                np.subtract(arr.transpose(2, 0, 1), self.normalise[0], out=out_np[i], dtype=np.float32)
+                np.divide(out_np[i], self.normalise[1], out=out_np[i])
+        return out, torch.tensor(labels, dtype=torch.int64)
 
 
 class TorchLoader(Loader):
@@ -44,42 +243,35 @@ class TorchLoader(Loader):
 
     def __init__(self, manifest, split, **kw):
         super().__init__(manifest, split, **kw)
-        self._urls = [str(f) for f in split_files(self.manifest, split, "wds")]
-        self._ext = self.manifest["splits"][split]["wds"]["ext"]
-        self._transform = torchvision_transform(self.preset)
-
-    def _dataset(self):
-        rank, world, epoch, seed = self.rank, self.world_size, self.epoch, self.seed
-
-        def by_rank(urls):
-            urls = list(urls)
-            random.Random(seed * 1009 + epoch).shuffle(urls) if self.train else None
-            return urls[rank::world]
-
-        ds = wds.WebDataset(self._urls, nodesplitter=by_rank, workersplitter=wds.split_by_worker,
-                            shardshuffle=False, empty_check=False)
-        if self.train:
-            ds = ds.shuffle(1000, rng=random.Random(seed * 7919 + epoch * 31 + rank))
-        ds = ds.decode("pil").to_tuple(self._ext, "cls").map_tuple(self._transform, int)
-        # workers send small partial batches; the main process re-batches them, so a partial batch at
-        # the end of each worker's stream is not dropped (webdataset's WebLoader idiom)
-        return ds.batched(16, partial=True)
+        files = split_files(self.manifest, split, "wds")
+        check_wds_split(self.manifest, split, files, self.rank, self.world_size)
+        shards = self.manifest["splits"][split]["wds"]["shards"]
+        if self.train and len(files) < self.world_size:  # a rank without shards could not take len() steps
+            raise ValueError(f"split {split!r} has {len(files)} webdataset shard(s) for {self.world_size} ranks; "
+                             f"the torch backend splits ranks by shard: reshard with smaller shards "
+                             f"(rmix shards --samples-per-shard) or use the dali backend")
+        self._counts = [int(s["num_samples"]) for s in shards]
+        self._stream = _RankStream([str(f) for f in files], self._counts, self.manifest["splits"][split]["wds"]["ext"],
+                                   torchvision_transform(self.preset, to_tensor=False), batch_size=self.batch_size,
+                                   train=self.train, rank=self.rank, world_size=self.world_size, seed=self.seed,
+                                   num_batches=len(self), num_workers=self.num_workers,
+                                   normalise=(self.preset.mean, self.preset.std) if self.device.type == "cpu" else None)
+        self._loader = None  # the DataLoader and its persistent workers, started on the first pass
 
     def __len__(self) -> int:
-        per_rank = self.num_samples // self.world_size
-        return per_rank // self.batch_size if self.train else -(-per_rank // self.batch_size)
+        if self.train:
+            return (self.num_samples // self.world_size) // self.batch_size
+        mine = sum(self._counts[self.rank::self.world_size])  # eval: the rank's shards in order
+        return -(-mine // self.batch_size)
 
     def _batches(self, start: int) -> Iterator:
-        gen = torch.Generator().manual_seed(self.seed * 65537 + self.epoch * 97 + self.rank)
-        loader = wds.WebLoader(self._dataset(), batch_size=None, num_workers=self.num_workers, generator=gen,
-                               pin_memory=self.device.type == "cuda")
-        loader = loader.unbatched().batched(self.batch_size, partial=not self.train)
-        if self.train:
-            # every rank must take the same number of steps (DDP), but whole shards per rank can be
-            # uneven: cycle the rank's stream and cut the epoch at len() batches (webdataset's idiom)
-            loader = loader.repeat(2).with_epoch(len(self))
-        for b, (images, labels) in enumerate(loader):
-            if b < start:
-                continue  # resume: replay the epoch's deterministic order, skip what was seen
-            yield (images.to(self.device, non_blocking=True),
-                   torch.as_tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True))
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                self._stream, batch_size=None, num_workers=self.num_workers, persistent_workers=True,
+                pin_memory=self.device.type == "cuda")
+        self._stream.set_pass(self.epoch, start)  # read by the workers as the pass starts
+        try:
+            for images, labels in self._loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        except ShardError as e:
+            raise ShardError(_one_line(e)) from None

@@ -23,6 +23,12 @@ class Mix:
     """
 
     name = "mix"
+    #: whether the mix wants the model's logits of each batch it returned (``record_logits``); a
+    #: loader or trainer may skip the call when False
+    uses_logits = False
+    #: whether the mix only copies pixels (no blending, no interpolation), so mixing a uint8 batch and
+    #: normalising afterwards equals normalising first (a loader then mixes a quarter of the bytes)
+    exact_on_uint8 = False
 
     def __init__(self, num_classes: Optional[int] = None, smoothing: float = 0.0, seed: int = 0):
         self.num_classes = num_classes
@@ -43,6 +49,11 @@ class Mix:
 
     def record_logits(self, logits: torch.Tensor) -> None:
         """Mixes without history ignore the model's logits."""
+
+    def borrow_batches(self) -> None:
+        """The caller promises every batch it passes is a fresh tensor that nobody writes after the
+        mix returns (our loaders do). A mix that keeps history may then keep a reference to the batch
+        instead of a copy. Stateless mixes have nothing to change."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "rng": self.rng.bit_generator.state}

@@ -23,6 +23,7 @@ class NoMix(Mix):
     """Pass-through: soft targets, lam = 1, no boxes."""
 
     name = "none"
+    exact_on_uint8 = True
 
     def _mix(self, images, targets):
         return MixedBatch(images, targets, None, self._full_lam(images.shape[0], 1.0, images.device))
@@ -87,6 +88,7 @@ class CutMix(_PasteMix):
     """The partner's pixels inside a box replace ours; box side ratio sqrt(1 - Beta(alpha, alpha))."""
 
     name = "cutmix"
+    exact_on_uint8 = True
 
     def _box(self, height, width):
         ratio = np.sqrt(1.0 - self.rng.beta(self.alpha, self.alpha, size=1))
@@ -101,6 +103,10 @@ class ResizeMix(_PasteMix):
     """The whole partner image, scaled by tau ~ U(low, high), pasted fully inside the image."""
 
     name = "resizemix"
+
+    @property
+    def exact_on_uint8(self) -> bool:
+        return self.interpolation == "nearest"
 
     def __init__(self, alpha: float = 1.0, low: float = 0.1, high: float = 0.8, interpolation: str = "nearest", **kw):
         super().__init__(alpha=alpha, **kw)

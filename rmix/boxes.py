@@ -58,12 +58,38 @@ def resize(src: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return out.round_().clamp_(0, 255).to(src.dtype)
 
 
+_NEAREST: dict = {}  # (out_len, in_len, device) -> source index of each output position
+
+
+def nearest_index(out_len: int, in_len: int, device: torch.device) -> torch.Tensor:
+    """Source index of each of ``out_len`` positions resized nearest from ``in_len``, by PyTorch's rule
+    (``floor(dst * float32(in / out))``, clamped), so a gather with it equals ``F.interpolate(mode=
+    'nearest')`` bit for bit. Cached: a batch-level box has few distinct sizes."""
+    key = (out_len, in_len, str(device))
+    idx = _NEAREST.get(key)
+    if idx is None:
+        scale = torch.tensor(float(in_len), dtype=torch.float32) / float(out_len)
+        idx = torch.floor(torch.arange(out_len, dtype=torch.float32) * scale).long().clamp_(max=in_len - 1)
+        idx = _NEAREST.setdefault(key, idx.to(device))
+    return idx
+
+
 def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: str) -> None:
-    """In place: the whole of each ``src[i]`` resized into the same ``box`` of ``dst[i]``."""
+    """In place: the whole of each ``src[i]`` resized into the same ``box`` of ``dst[i]``.
+
+    A uint8 batch with nearest resize gathers the box's rows and then its columns from ``src`` (two
+    ``index_select``): on the CPU ``upsample_nearest2d`` has no fast uint8 kernel and is several times
+    slower; float keeps ``F.interpolate`` (its gather along the last axis is the faster one).
+    """
     x1, y1, x2, y2 = (int(v) for v in box)
     if x2 <= x1 or y2 <= y1:
         return  # zero-area box: nothing to paste (the seed would call interpolate with size 0)
-    dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
+    if mode != "nearest" or src.is_floating_point():
+        dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
+        return
+    rows = nearest_index(y2 - y1, src.shape[2], src.device)
+    cols = nearest_index(x2 - x1, src.shape[3], src.device)
+    dst[:, :, y1:y2, x1:x2] = src.index_select(2, rows).index_select(3, cols)
 
 
 def _source_coords(start: torch.Tensor, stop: torch.Tensor, out_len: int, in_len: int, mode: str):

@@ -53,8 +53,9 @@ class RecursiveMix(Mix):
         box: 'batch' (one box for the whole batch, as the seed) or 'sample' (a box per sample).
         keep_history_across_epochs: if False (seed), ``set_epoch`` clears the history.
         copy_history: copy each mixed batch into a persistent history buffer (safe whatever the caller
-            does with the batch afterwards). Our loaders set it False: they hand the mix a fresh tensor
-            every batch and the trainer only reads it, so keeping a reference saves a full-batch copy.
+            does with the batch afterwards). ``borrow_batches()`` turns it off: our loaders call it,
+            as they hand the mix a fresh tensor every batch and the trainer only reads it, so keeping
+            a reference saves a full-batch copy.
         num_classes, smoothing, seed: see :class:`rmix.base.Mix`.
 
     Use::
@@ -67,6 +68,7 @@ class RecursiveMix(Mix):
     """
 
     name = "recursive_mix"
+    uses_logits = True
 
     def __init__(
         self,
@@ -92,6 +94,13 @@ class RecursiveMix(Mix):
         self.keep_history_across_epochs = keep_history_across_epochs
         self.copy_history = copy_history
         self.reset()
+
+    def borrow_batches(self) -> None:
+        self.copy_history = False
+
+    @property
+    def exact_on_uint8(self) -> bool:
+        return self.interpolation == "nearest"
 
     # -- history ------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -6,31 +6,38 @@ parallel; the main process writes them in plan order. After each completed shard
 (``.progress.json``) records it, with the plan position it ends at and the rejects before it. A killed
 run, rerun with the same arguments, resumes after the last journalled shard and produces the same
 files as an uninterrupted run; a finished run is a no-op. The manifest is written last.
+
+Every parameter is checked up front (:meth:`ShardParams.validate`), and one job at a time writes into
+an output directory: the job holds an exclusive lock on ``OUT/<dataset>/.lock``, and a second one
+stops at once with one line naming the first one's pid.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import multiprocessing as mp
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import ShardError
 from .ffcv_writer import write_beton
 from .manifest import FORMAT_VERSION, manifest_path, sha256_file, write_json_atomic
+from .progress import Progress
 from .sources import ImageFolderSource, Reject, Source, open_source
 from .wds_writer import ShardInfo, WdsShardWriter
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "digits")
 FORMATS = ("wds", "ffcv")
 JOURNAL = ".progress.json"
+LOCK = ".lock"
 REJECTS = "rejects.tsv"
 
 
@@ -50,6 +57,41 @@ class ShardParams:
     ffcv_max_resolution: Optional[int] = None
     ffcv_compress_probability: float = 0.5
 
+    def validate(self) -> "ShardParams":
+        """Check every field; raise :class:`ShardError` naming the first bad one (as its CLI flag)."""
+        from .ffcv_writer import WRITE_MODES
+        from .sources import SPLITS
+
+        def fail(msg):
+            raise ShardError(msg)
+
+        if self.dataset not in DATASETS:
+            fail(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats or len(set(self.formats)) != len(self.formats):
+            fail(f"--formats {','.join(map(str, self.formats)) or '(none)'}: list each of {', '.join(FORMATS)} at most once")
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad or not self.splits or len(set(self.splits)) != len(self.splits):
+            fail(f"--split {','.join(map(str, self.splits)) or '(none)'}: list each of {', '.join(SPLITS)} at most once")
+        for flag, value, low in (("--samples-per-shard", self.samples_per_shard, 1),
+                                 ("--shard-bytes", self.shard_bytes, 1),
+                                 ("--max-side", self.max_side, 1),
+                                 ("--ffcv-max-resolution", self.ffcv_max_resolution, 1)):
+            if value is not None and (not _is_int(value) or value < low):
+                fail(f"{flag} must be an integer >= {low}, got {value!r}")
+        if not _is_int(self.quality) or not 1 <= self.quality <= 100:
+            fail(f"--quality is a JPEG quality 1..100, got {self.quality!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            fail(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if self.ffcv_write_mode is not None and self.ffcv_write_mode not in WRITE_MODES:
+            fail(f"unknown --ffcv-write-mode {self.ffcv_write_mode!r}; choose from {', '.join(WRITE_MODES)}")
+        p = self.ffcv_compress_probability
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            fail(f"--ffcv-compress-probability is a probability in [0, 1], got {p!r}")
+        if self.max_side is not None and self.dataset != "imagenet":
+            fail(f"--max-side resizes ImageNet images; {self.dataset} images are 32x32 and are never resized")
+        return self
+
     def resolved(self) -> "ShardParams":
         p = ShardParams(**asdict(self))
         if p.samples_per_shard is None and p.shard_bytes is None:
@@ -59,6 +101,10 @@ class ShardParams:
         if p.dataset == "imagenet" and p.ffcv_max_resolution is None:
             p.ffcv_max_resolution = p.max_side or 512
         return p
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 # -- parallel encoding ---------------------------------------------------------------------------
@@ -129,18 +175,56 @@ def _out_dir(out: Path, dataset: str) -> Path:
     return root
 
 
+def _check_inputs(params: ShardParams, src: Optional[Path], workers: int) -> None:
+    params.validate()
+    if not _is_int(workers) or workers < 0:
+        raise ShardError(f"--workers must be an integer >= 0 (0 = all cores), got {workers!r}")
+    if params.dataset == "digits" and src is not None:
+        raise ShardError("digits is built in (scikit-learn's digits, written under OUT/digits/source); "
+                         "it takes no --src")
+
+
+@contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``root/.lock`` while a job writes there; a second job fails at once.
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so the encode
+    workers forked while it is held do not inherit it, and a job killed with -9 releases it even if an
+    orphaned worker lingers."""
+    path = root / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ShardError(f"{root} is being written by another `rmix shards` (pid {holder}); wait for it "
+                             f"to finish (then rerun: a finished job is a no-op) or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (the file stays: removing it would race with a waiting job)
+
+
 def build(params: ShardParams, src: Optional[Path], out: Path, workers: int = 0, progress: bool = True) -> dict:
-    """Run (or resume, or skip) the sharding job; return the manifest."""
-    if params.dataset not in DATASETS:
-        raise ShardError(f"unknown dataset {params.dataset!r}; choose from {', '.join(DATASETS)}")
-    bad = [f for f in params.formats if f not in FORMATS]
-    if bad or not params.formats:
-        raise ShardError(f"unknown format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    """Run (or resume, or skip) the sharding job; return the manifest.
+
+    Raises :class:`ShardError` (one line for the user) on bad parameters or inputs, a disk full, or
+    another job writing into the same ``out/<dataset>``.
+    """
+    _check_inputs(params, src, workers)
     params = params.resolved()
     workers = workers or os.cpu_count() or 1
     root = _out_dir(out, params.dataset)
-    pdict = asdict(params)
+    with _exclusive(root):
+        return _build_locked(params, src, root, workers, progress)
 
+
+def _build_locked(params: ShardParams, src, root: Path, workers: int, progress: bool) -> dict:
+    pdict = asdict(params)
     mpath = manifest_path(root)
     if mpath.is_file():
         with open(mpath) as f:
@@ -170,8 +254,9 @@ def _run(params: ShardParams, src, root: Path, journal: Journal, workers: int, p
 
     splits_out, classes = {}, None
     for split in params.splits:
+        # every source of a dataset carries the same class list (CIFAR's meta file, ImageNet's train/)
         source = open_source(params.dataset, src, split, root, params.max_side, params.quality)
-        classes = classes or source.classes
+        classes = source.classes
         state = journal.split(split)
         order = np.random.default_rng([params.seed, params.splits.index(split)]).permutation(len(source))
         entry: dict = {"num_source": len(source)}
@@ -185,6 +270,11 @@ def _run(params: ShardParams, src, root: Path, journal: Journal, workers: int, p
         kept = [int(i) for i in order if int(i) not in rejected]
         entry["num_samples"] = len(kept)
         entry["rejected"] = len(rejected)
+        if not kept:
+            if not state["rejects"]:
+                raise ShardError(f"[{split}] the source has no samples")
+            _, path, _, reason = state["rejects"][0]
+            raise ShardError(f"[{split}] all {len(order)} images were rejected, e.g. {path}: {reason}")
 
         if "ffcv" in params.formats:
             if state["ffcv"] is None:
@@ -194,7 +284,8 @@ def _run(params: ShardParams, src, root: Path, journal: Journal, workers: int, p
                 print(f"[{split}] writing FFCV {rel} ({len(kept)} samples, {params.ffcv_write_mode})")
                 # the beton keeps source order: FFCV's loader shuffles at read time
                 write_beton(str(root / rel), source, sorted(kept), params.ffcv_write_mode,
-                            params.ffcv_max_resolution, params.quality, params.ffcv_compress_probability, workers)
+                            params.ffcv_max_resolution, params.quality, params.ffcv_compress_probability, workers,
+                            progress)
                 state["ffcv"] = {"path": rel, "num_samples": len(kept), "bytes": os.path.getsize(root / rel),
                                  "sha256": sha256_file(root / rel), "write_mode": params.ffcv_write_mode,
                                  "max_resolution": params.ffcv_max_resolution, "seconds": round(time.time() - t, 2)}
@@ -235,8 +326,7 @@ def _wds_pass(params, source, order, split, root, state, journal, workers, progr
         state["rejects"] = [r for r in rejects if r[2] < info.end]
         journal.save()
 
-    bar = tqdm(total=len(order), initial=start, unit="img", desc=f"{split} wds" if write else f"{split} check",
-               disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = Progress(len(order), start, desc=f"{split} wds" if write else f"{split} check", enabled=progress)
     writer = WdsShardWriter(str(root), "wds", split, params.samples_per_shard, params.shard_bytes,
                             start_shard=len(state["shards"]), on_shard=on_shard) if write else None
     try:
@@ -247,7 +337,7 @@ def _wds_pass(params, source, order, split, root, state, journal, workers, progr
                 writer.write(item, pos)
             bar.update(1)
             if len(rejects):
-                bar.set_postfix(rejected=len(rejects), refresh=False)
+                bar.note(f"{len(rejects)} rejected")
         if writer is not None:
             writer.close(end=len(order))
     except BaseException:

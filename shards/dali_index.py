@@ -10,35 +10,27 @@ only its headers.
 from __future__ import annotations
 
 import os
-import tarfile
+
+from .errors import ShardError
+from .reader import iter_members, sample_key
 
 INDEX_VERSION = "v1.2"
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    dot = name.find(".", name.rfind("/") + 1)
-    return name[:dot], name[dot + 1 :]
 
 
 def index_lines(tar_path: str) -> list[str]:
     """The lines of ``tar_path``'s index, header included."""
     samples: list[list[str]] = []
     last = None
-    with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            base, ext = _split_name(m.name)
-            if not base or base.endswith("/"):
-                continue
-            part = f"{ext} {m.offset_data} {m.size} {m.name}"
-            if base != last:
-                samples.append([part])
-                last = base
-            else:
-                samples[-1].append(part)
+    for name, offset, size in iter_members(tar_path):
+        base, ext = sample_key(name)
+        part = f"{ext} {offset} {size} {name}"
+        if base != last:
+            samples.append([part])
+            last = base
+        else:
+            samples[-1].append(part)
     if not samples:
-        raise ValueError(f"webdataset tar file {tar_path} is empty")
+        raise ShardError(f"{tar_path}: webdataset tar holds no samples")
     return [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
 
 

@@ -4,7 +4,8 @@
   CIFAR-100 ``cifar-100-python/`` (``train``, ``test``, ``meta``): keys ``b'data'`` (N, 3072) uint8
   as R, G, B planes of 32x32 row-major, ``b'labels'`` / ``b'fine_labels'``, ``b'filenames'``.
 * ImageNet in ImageFolder layout ``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``; class index = sorted
-  wnid order (torchvision's convention).
+  wnid order of ``train/`` (torchvision's convention) for every split; a val class missing from train is
+  an error. Sample keys are the percent-encoded ``<wnid>/<file name>`` (:func:`image_key`).
 * ``digits``: scikit-learn's bundled 8x8 digits written once as a CIFAR-10-format pickle directory
   and then read by the CIFAR code path.
 
@@ -21,6 +22,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -94,6 +96,44 @@ CIFAR_LAYOUT = {
 }
 
 
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def _cifar_classes(path: Path, names_key: bytes, expected: int) -> list[str]:
+    meta = _unpickle(path)
+    if not isinstance(meta, dict) or names_key not in meta:
+        raise ShardError(f"{path} has no {names_key!r}: not a CIFAR meta file")
+    names = _decode_names(meta[names_key])
+    if len(names) != expected:
+        raise ShardError(f"{path}: {names_key!r} lists {len(names)} classes, expected {expected}")
+    return names
+
+
+def _cifar_batch(path: Path, dataset: str, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(data (N, 3072) uint8, labels (N,) int64)`` of one CIFAR batch file, checked."""
+    batch = _unpickle(path)
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise ShardError(f"{path} has no {b'data'!r}/{label_key!r} keys: not a {dataset} batch")
+    try:
+        raw = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[label_key])
+    except (ValueError, TypeError) as e:
+        raise ShardError(f"{path}: unreadable data or labels ({e})") from None
+    if raw.ndim != 2 or raw.shape[1] != 3072:
+        raise ShardError(f"{path}: data has shape {raw.shape}, expected (N, 3072) (R, G, B planes of 32x32)")
+    if raw.dtype != np.uint8:
+        if not np.issubdtype(raw.dtype, np.integer) or (raw.size and (raw.min() < 0 or raw.max() > 255)):
+            raise ShardError(f"{path}: data must be uint8 pixels 0..255, got {raw.dtype}")
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise ShardError(f"{path}: {label_key!r} must be a list of integers, got {labels.dtype} {labels.shape}")
+    if len(labels) != len(raw):
+        raise ShardError(f"{path}: {len(raw)} images but {len(labels)} labels")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise ShardError(f"{path}: label {int(bad[0])} outside 0..{num_classes - 1} ({len(bad)} such labels)")
+    return raw.astype(np.uint8, copy=False), labels.astype(np.int64)
+
+
 def find_cifar_dir(dataset: str, src: Path) -> Path:
     """Accept the CIFAR directory itself or its parent."""
     dirname, splits, meta, _, _ = CIFAR_LAYOUT[dataset]
@@ -104,29 +144,28 @@ def find_cifar_dir(dataset: str, src: Path) -> Path:
 
 
 class CifarSource(Source):
-    """A CIFAR split held in memory as (N, 32, 32, 3) uint8; stored losslessly as PNG."""
+    """A CIFAR split held in memory as (N, 32, 32, 3) uint8; stored losslessly as PNG.
+
+    Every file is checked while it is read: ``data`` a (N, 3072) array of 0..255, as many labels as
+    rows, labels in ``0..len(label_names)-1``, and the meta file's label names as many as the dataset
+    has classes. A mismatch is one :class:`ShardError` naming the file, never a shifted label.
+    """
 
     ext = "png"
 
     def __init__(self, dataset: str, src: Path, split: str):
         root = find_cifar_dir(dataset, Path(src))
         _, files, meta, label_key, names_key = CIFAR_LAYOUT[dataset]
-        datas, labels, names = [], [], []
+        self.classes = _cifar_classes(root / meta, names_key, CIFAR_CLASSES[dataset])
+        datas, labels = [], []
         for fname in files[split]:
-            batch = _unpickle(root / fname)
-            if b"data" not in batch or label_key not in batch:
-                raise ShardError(f"{root / fname} has no {b'data'!r}/{label_key!r} keys: not a {dataset} batch")
-            datas.append(np.asarray(batch[b"data"], dtype=np.uint8))
-            labels.extend(batch[label_key])
-            names.extend(_decode_names(batch.get(b"filenames", [])))
+            data, lab = _cifar_batch(root / fname, dataset, label_key, len(self.classes))
+            datas.append(data)
+            labels.append(lab)
         data = np.concatenate(datas)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise ShardError(f"{root}: CIFAR data must be (N, 3072), got {data.shape}")
         # rows are R, G, B planes of 32x32: (N, 3, 32, 32) -> (N, 32, 32, 3)
         self.images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.filenames = names if len(names) == len(self.labels) else [f"{split}_{i:06d}" for i in range(len(self.labels))]
-        self.classes = _decode_names(_unpickle(root / meta)[names_key])
+        self.labels = np.concatenate(labels)
         self.split = split
 
     def __len__(self):
@@ -151,27 +190,90 @@ class CifarSource(Source):
 # ImageNet
 
 
+def _listdir(path: Path) -> list[os.DirEntry]:
+    """The entries of ``path`` sorted by name; unreadable folders are one clear error."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise ShardError(f"cannot read folder {path}: {e.strerror}") from None
+
+
+def _class_dirs(root: Path) -> list[str]:
+    """Names of the class folders under ``root`` (symlinks to folders count; a symlink loop is an error)."""
+    names = []
+    for entry in _listdir(root):
+        try:
+            if entry.is_dir():
+                names.append(entry.name)
+        except OSError as e:  # a symlink loop or a folder that vanished
+            raise ShardError(f"cannot read {entry.path}: {e.strerror}") from None
+    return names
+
+
+def imagefolder_classes(src: Path) -> list[str]:
+    """The class index of an ImageFolder tree: the sorted folder names of ``<src>/train``, for every
+    split (torchvision's convention, with train as the one source of truth)."""
+    train = Path(src) / "train"
+    if not train.is_dir():
+        raise ShardError(f"missing ImageNet train directory {train}: the class index comes from "
+                         f"train/<wnid>/ for every split (also with --split val)")
+    classes = _class_dirs(train)
+    if not classes:
+        raise ShardError(f"{train} has no class directories (expected train/<wnid>/*.JPEG)")
+    return classes
+
+
+def image_key(rel: str) -> str:
+    """Sample key of a file at ``rel`` (``<wnid>/<file name>``), unique by construction.
+
+    webdataset and DALI cut a member name at its first dot, and DALI's ``.idx`` is space-separated,
+    so a key may hold neither. Percent-encoding the whole relative path (``/``, ``%``, spaces and
+    non-ASCII included) and then ``.`` as ``%2E`` is injective: ``a.b.JPEG`` and ``a_b.JPEG``, or
+    ``x.JPEG`` / ``x.jpeg`` / ``x.png``, stay distinct, and ``urllib.parse.unquote`` gives the path back.
+    """
+    return quote(rel, safe="").replace(".", "%2E")
+
+
 class ImageFolderSource(Source):
     """``<src>/<split>/<wnid>/<file>``: JPEG bytes copied when already an RGB baseline JPEG (and no
     resize is asked for), else decoded, converted to RGB and re-encoded. Corrupt or truncated files
-    become :class:`Reject`s."""
+    (and file symlinks that loop or dangle) become :class:`Reject`s.
+
+    ``classes`` is the class index (:func:`imagefolder_classes`, from train); a class folder of this
+    split that is not in it is an error, since its images would have no label.
+    """
 
     ext = "jpg"
 
-    def __init__(self, src: Path, split: str, max_side: Optional[int] = None, quality: int = 90):
+    def __init__(self, src: Path, split: str, classes: list[str], max_side: Optional[int] = None,
+                 quality: int = 90):
         root = Path(src) / split
         if not root.is_dir():
             raise ShardError(f"missing ImageNet split directory {root} (expected <src>/{split}/<wnid>/*.JPEG)")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if not self.classes:
-            raise ShardError(f"{root} has no class directories")
+        here = _class_dirs(root)
+        index = {wnid: i for i, wnid in enumerate(classes)}
+        unknown = [w for w in here if w not in index]
+        if unknown:
+            raise ShardError(f"{root}: class folder(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
+                             f"not in {Path(src) / 'train'} (the class index comes from train)")
+        self.classes = list(classes)
         self.paths: list[str] = []
         labels = []
-        for idx, wnid in enumerate(self.classes):
-            for entry in sorted(os.scandir(root / wnid), key=lambda e: e.name):
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+        for wnid in here:
+            for entry in _listdir(root / wnid):
+                if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                try:  # a dangling or looping symlink is listed too: encode() rejects it with its reason
+                    keep = entry.is_file() or (entry.is_symlink() and not entry.is_dir())
+                except OSError:
+                    keep = True
+                if keep:
                     self.paths.append(entry.path)
-                    labels.append(idx)
+                    labels.append(index[wnid])
+        if not self.paths:
+            raise ShardError(f"{root}: no images in any of its {len(here)} class folders "
+                             f"(looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
         self.labels = np.asarray(labels, dtype=np.int64)
         self.root, self.max_side, self.quality, self.split = root, max_side, quality, split
 
@@ -179,9 +281,7 @@ class ImageFolderSource(Source):
         return len(self.paths)
 
     def key(self, i: int) -> str:
-        rel = os.path.relpath(self.paths[i], self.root)
-        # webdataset and DALI split a member name at its first dot: keys carry no dots or slashes
-        return os.path.splitext(rel)[0].replace(os.sep, "_").replace(".", "_")
+        return image_key(os.path.relpath(self.paths[i], self.root).replace(os.sep, "/"))
 
     def label(self, i: int) -> int:
         return int(self.labels[i])
@@ -282,5 +382,5 @@ def open_source(dataset: str, src: Optional[Path], split: str, out: Path, max_si
     if dataset in CIFAR_LAYOUT:
         return CifarSource(dataset, src, split)
     if dataset == "imagenet":
-        return ImageFolderSource(src, split, max_side=max_side, quality=quality)
+        return ImageFolderSource(src, split, imagefolder_classes(src), max_side=max_side, quality=quality)
     raise ShardError(f"unknown dataset {dataset!r}; choose from cifar10, cifar100, imagenet, digits")

@@ -26,6 +26,7 @@ class ShardInfo:
     sha256: str
     idx_sha256: str
     end: int  # position in the write plan just after this shard's last sample
+    idx_bytes: int  # size of the .idx (older manifests lack it; readers then check its sha256 only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,8 +91,9 @@ class WdsShardWriter:
         final = os.path.join(self.root, tar)
         os.replace(self._tmp, final)
         write_index(final, os.path.join(self.root, idx))
+        idx_path = os.path.join(self.root, idx)
         info = ShardInfo(tar, idx, self._count, os.path.getsize(final), sha256_file(final),
-                         sha256_file(os.path.join(self.root, idx)), end)
+                         sha256_file(idx_path), end, os.path.getsize(idx_path))
         self.shard += 1
         if self.on_shard:
             self.on_shard(info)

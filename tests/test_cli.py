@@ -1,36 +1,82 @@
-"""The ``rmix`` console script: dispatch, help, clear errors."""
+"""The ``rmix`` console script: real subcommands, help, clear errors; the import graph of the floors."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
-from rmix import cli
+import pytest
+
+from tools import cli
+
+REPO = Path(__file__).resolve().parents[1]
+# each package may import only from the floors below it (and itself)
+FLOORS = {"shards": set(), "rmix": set(), "pipelines": {"shards", "rmix"},
+          "trainers": {"shards", "rmix", "pipelines"}, "tools": {"shards", "rmix", "pipelines", "trainers"}}
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "rmix.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_help_lists_every_subcommand():
     r = run("--help")
     assert r.returncode == 0
-    for name in ("shards", "verify", "bench", "train", "demo"):
-        assert f"  {name}" in r.stdout
+    for name in ("shards", "verify", "bench", "train", "demo", "export-backbone", "mm"):
+        assert f"  {name} " in r.stdout
+    b = run("bench", "--help")
+    assert b.returncode == 0
+    for name in ("loaders", "mix", "shards", "train"):
+        assert f"  {name} " in b.stdout
 
 
 def test_unknown_command_is_one_clear_line():
     r = run("shard")
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == ["rmix: unknown command 'shard'; choose one of: shards, verify, bench, train, demo"]
+    assert r.stderr.strip().splitlines() == [
+        "rmix: unknown command 'shard'; choose one of: shards, verify, train, demo, bench, export-backbone, mm"]
+    b = run("bench", "--mix-only")
+    assert b.returncode != 0
+    assert b.stderr.strip().splitlines() == [
+        "rmix bench: unknown benchmark '--mix-only'; choose one of: loaders, mix, shards, train"]
 
 
-def test_bench_mix_only_runs_the_mix_benchmark(capsys):
-    cli.main(["bench", "--mix-only", "--shapes", "cifar-u8", "--repeats", "1", "--iters", "1"])
+def test_bench_mix_runs_the_mix_benchmark(capsys):
+    cli.main(["bench", "mix", "--shapes", "cifar-u8", "--repeats", "1", "--iters", "1"])
     out = capsys.readouterr().out
     assert "rm-batch-nearest" in out and "cutmix" in out
+
+
+@pytest.mark.slow
+def test_bench_train_reuses_the_trainer_step(tmp_path, capsys):
+    cli.main(["bench", "train", "--loader", "memory", "--shards", str(tmp_path), "--repeats", "1", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert "loader / in-memory:" in out and "goal >= 0.95" in out
 
 
 def test_console_script_is_installed():
     import importlib.metadata as md
 
     eps = [e for e in md.entry_points(group="console_scripts") if e.name == "rmix"]
-    assert eps and eps[0].value == "rmix.cli:main"
+    assert eps and eps[0].value == "tools.cli:main"
+
+
+def _imports(path: Path) -> set:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FLOORS))
+def test_no_import_runs_back_up(package):
+    """Folders follow the data path: no module imports from a floor above its own, and nothing is
+    imported by a string (importlib), where a reader of the code could not see it."""
+    for path in sorted((REPO / package).rglob("*.py")):
+        upward = _imports(path) & (set(FLOORS) - FLOORS[package] - {package})
+        assert not upward, f"{path.relative_to(REPO)} imports {sorted(upward)} from above"
+        assert "importlib.import_module" not in path.read_text(), path

@@ -120,7 +120,7 @@ def test_mid_epoch_resume_is_exact_including_the_mix(cifar_shards, backend):
         return loader(root, backend=backend, seed=5, mix=RecursiveMix(alpha=1.0, box="sample", seed=9))
 
     def step(L, b):
-        L.mix.record_logits(b.images.mean((2, 3)).repeat(1, 4)[:, :10])  # logits depend on the batch
+        L.record_logits(b.images.mean((2, 3)).repeat(1, 4)[:, :10])  # logits depend on the batch
 
     ref = make()
     ref.set_epoch(0)
@@ -154,7 +154,7 @@ def test_recursive_mix_inside_the_loader(cifar_shards):
     batches = []
     for b in L:
         batches.append(b)
-        L.mix.record_logits(torch.randn(b.images.shape[0], 10))
+        L.record_logits(torch.randn(b.images.shape[0], 10))
     assert batches[0].boxes is None  # first batch of the epoch: history is empty
     assert all(b.boxes is not None and b.history_logits is not None for b in batches[1:] if b.lam.min() < 1)
     assert any((b.targets.max(1).values < 1).any() for b in batches[1:])  # soft, mixed targets
@@ -217,12 +217,335 @@ def test_clear_errors(cifar_shards, tmp_path, monkeypatch):
 def test_gpu_path_gives_cuda_batches(cifar_shards, backend):
     root, _ = cifar_shards
     L = loader(root, backend=backend, device="cuda", mix=RecursiveMix(seed=0))
+    assert L.device == torch.device("cuda", torch.cuda.current_device())  # bare 'cuda' gets its index
+    if backend == "dali":
+        assert L._device_id == torch.cuda.current_device()  # a GPU graph, not device_id=None
     for b in L:
         assert b.images.is_cuda and b.targets.is_cuda and b.labels.is_cuda
-        L.mix.record_logits(torch.zeros(b.images.shape[0], 10, device="cuda"))
+        L.record_logits(torch.zeros(b.images.shape[0], 10, device="cuda"))
 
 
 def test_torch_backend_uneven_shards_still_give_equal_steps(cifar_shards):
     root, _ = cifar_shards  # 10 train shards over 3 ranks: 4 / 3 / 3 shards
     counts = [sum(1 for _ in loader(root, "train", "torch", batch_size=8, rank=r, world_size=3)) for r in range(3)]
     assert counts == [4, 4, 4]
+
+
+# -- issue 8: structure and defects -------------------------------------------------------------
+
+def test_dali_graph_is_the_module_level_factory(cifar_shards, monkeypatch):
+    """The loader builds its graph with pipelines.dali.wds_pipeline (a @pipeline_def factory, reader
+    named 'reader'), and the factory alone reads our shards back exactly."""
+    import numpy as np
+    from shards.manifest import load_manifest
+
+    import pipelines.dali as dali
+
+    root, arrays = cifar_shards
+    m = load_manifest(root)
+    shards = m["splits"]["train"]["wds"]["shards"]
+    pipe = dali.wds_pipeline(files=[f"{m['root']}/{s['tar']}" for s in shards],
+                             index_files=[f"{m['root']}/{s['idx']}" for s in shards], ext="png", preset=None,
+                             batch_size=16, num_threads=1, device_id=None, seed=0)
+    pipe.build()
+    n = pipe.reader_meta("reader")["epoch_size"]
+    assert n == 100
+    seen = []
+    while len(seen) < n:
+        imgs, cls = pipe.run()
+        labels = decode_ascii_labels(torch.from_numpy(np.stack([np.array(cls.at(j)) for j in range(len(cls))])))
+        seen += [(np.array(imgs.at(j)).tobytes(), int(labels[j])) for j in range(len(imgs))]
+    src = sorted((im.tobytes(), int(l)) for im, l in zip(*arrays["train"]))
+    assert sorted(seen[:n]) == src
+
+    calls = []
+    real = dali.wds_pipeline
+
+    def spy(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(dali, "wds_pipeline", spy)
+    L = loader(root, backend="dali", seed=4, rank=1, world_size=2)
+    assert len(calls) == 1 and calls[0]["shard_id"] == 1 and calls[0]["num_shards"] == 2
+    assert calls[0]["preset"] is L.preset and calls[0]["device_id"] is None and calls[0]["gpu"] is False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_seed_comes_from_derive_seed(cifar_shards, backend, monkeypatch):
+    """One seed rule: each backend's random streams are pipelines.seeds.derive_seed(seed, rank, epoch,
+    stream[, index]); no formula of its own."""
+    import importlib
+
+    from pipelines.seeds import derive_rng, derive_seed
+
+    module = importlib.import_module({"dali": "pipelines.dali", "memory": "pipelines.memory",
+                                      "torch": "pipelines.torch_wds", "ffcv": "pipelines.ffcv_loader"}[backend])
+    calls = []
+
+    def spy(seed, rank=0, epoch=0, stream="augment", index=0):
+        calls.append((seed, rank, epoch, stream))
+        return derive_seed(seed, rank, epoch, stream, index)
+
+    monkeypatch.setattr(module, "derive_seed", spy)
+    L = loader(root=cifar_shards[0], backend=backend, seed=11, batch_size=8)
+    L.set_epoch(2)
+    first = next(iter(L))
+    streams = {c[3] for c in calls}
+    expected = {"dali": {"reader"}, "memory": {"reader", "augment"}, "torch": {"reader", "shuffle", "workers"},
+                "ffcv": {"reader"}}[backend]
+    assert streams == expected and all(c[0] == 11 for c in calls)
+    # the order streams are rank-independent where every rank must agree (memory, torch, ffcv)
+    assert all(c[1] == 0 for c in calls if c[3] == "reader")
+    # the lighting stream of the base loader is the same rule
+    assert L._lighting_rng.bit_generator.state == derive_rng(11, 0, 0, "lighting").bit_generator.state
+    if backend == "memory":  # the epoch's order is exactly the derived permutation
+        perm = torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(11, 0, 2, "reader")))
+        assert first.labels.tolist() == L.labels[perm[:8]].tolist()
+
+
+def test_device_resolution_and_dali_device_id(monkeypatch):
+    """A bare 'cuda' is the current CUDA device everywhere (DALI gets device_id=N, not None); device
+    strings are validated. CPU test: CUDA is faked."""
+    from pipelines.dali import dali_device_id
+    from pipelines.loader import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert dali_device_id(resolve_device("cuda")) == 1
+    assert dali_device_id(resolve_device("cuda:0")) == 0
+    assert dali_device_id(resolve_device("cpu")) is None
+    with pytest.raises(ValueError, match="indexed CUDA device"):
+        dali_device_id(torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"has 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+    for bad in ("banana", "cuda:", "CUDA", "cuda:0 ", "gpu", "mps", "cpu:0"):
+        with pytest.raises(ValueError, match=r"device must be auto, cpu, cuda or cuda:N") as e:
+            resolve_device(bad)
+        assert "\n" not in str(e.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for want in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device(want)
+
+
+def test_batch_color_jitter_is_torchvision_colorjitter_on_uint8():
+    import numpy as np
+    from torchvision.transforms import functional as TF
+
+    from pipelines.ffcv_loader import batch_color_jitter, color_jitter_factors
+    from pipelines.seeds import derive_rng
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 9, 7), dtype=torch.uint8, generator=g)
+    factors = color_jitter_factors(derive_rng(0, 0, 0, "augment", 1), 6, 0.4)
+    assert factors.shape == (6, 3) and factors.min() >= 0.6 and factors.max() <= 1.4
+    out = batch_color_jitter(images.contiguous(memory_format=torch.channels_last), factors)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    for x, y, (b, c, s) in zip(images, out, factors):
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, float(b)), float(c)), float(s))
+        assert torch.equal(y, ref)
+    assert not torch.equal(out, images)
+    np.testing.assert_array_equal(color_jitter_factors(derive_rng(0, 0, 0, "augment", 1), 6, 0.4), factors)
+
+
+def test_ffcv_applies_aug_plus_colour_jitter(imagenet_shards, monkeypatch):
+    """aug_plus on FFCV: ColorJitter 0.4 after FFCV on the uint8 batch, from the derive_rng stream of
+    (seed, rank, epoch, batch); eval never jitters."""
+    import pipelines.ffcv_loader as fl
+    from pipelines.seeds import derive_rng
+
+    seen = []
+    real = fl.batch_color_jitter
+
+    def spy(images, factors):
+        assert images.dtype == torch.uint8  # before normalisation
+        seen.append(factors)
+        return real(images, factors)
+
+    monkeypatch.setattr(fl, "batch_color_jitter", spy)
+    L = loader(imagenet_shards, backend="ffcv", batch_size=6, preset="imagenet_train_plus", seed=2)
+    L.set_epoch(1)
+    batches = list(L)
+    assert len(seen) == len(batches) == len(L) == 3
+    for b, factors in enumerate(seen):
+        assert (factors == fl.color_jitter_factors(derive_rng(2, 0, 1, "augment", b), 6, 0.4)).all()
+    plain = loader(imagenet_shards, backend="ffcv", batch_size=6, preset="imagenet_train", seed=2)
+    list(plain)
+    E = loader(imagenet_shards, "val", backend="ffcv", batch_size=4)
+    list(E)
+    assert len(seen) == 3
+
+
+def _damaged_copy(root, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def _member_offsets(idx_path):
+    """(header offset, name) of every member an .idx lists."""
+    out = []
+    for line in idx_path.read_text().splitlines()[1:]:
+        f = line.split()
+        out += [(int(f[g + 1]) - 512, f[g + 3]) for g in range(0, len(f), 4)]
+    return out
+
+
+def _poke(path, offset, data: bytes):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize("backend", ["dali", "memory", "torch"])
+def test_damaged_tar_header_of_the_right_size_fails_at_start(cifar_shards, tmp_path, backend):
+    """A tar whose bytes are damaged but whose size is right: one ShardError line at build time
+    (DALI reads by .idx offsets and never sees the header; tarfile stops quietly at it)."""
+    copy = _damaged_copy(cifar_shards[0], tmp_path)
+    tar = copy / "wds" / "train-000003.tar"
+    header, name = _member_offsets(copy / "wds" / "train-000003.idx")[3]
+    size = tar.stat().st_size
+    _poke(tar, header + 2, b"X")  # inside the member name: the header checksum no longer matches
+    assert tar.stat().st_size == size
+    with pytest.raises(ShardError, match=r"train-000003\.tar: damaged tar header of member") as e:
+        loader(copy, backend=backend)
+    assert "\n" not in str(e.value) and "rmix verify" in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["dali", "memory", "torch"])
+def test_damaged_index_fails_at_start(cifar_shards, tmp_path, backend):
+    copy = _damaged_copy(cifar_shards[0], tmp_path)
+    idx = copy / "wds" / "val-000001.idx"
+    text = idx.read_text()
+    line = text.splitlines()[2]
+    idx.write_text(text.replace(line, line.replace(" 512 ", " 513 ", 1) if " 512 " in line
+                                else line[:-1] + ("0" if line[-1] != "0" else "1"), 1))
+    with pytest.raises(ShardError, match=r"corrupt DALI index .*val-000001\.idx"):
+        loader(copy, "val", backend=backend)
+    idx.unlink()
+    with pytest.raises(ShardError, match=r"missing DALI index .*val-000001\.idx") as e:
+        loader(copy, "val", backend=backend)
+    assert "\n" not in str(e.value)
+
+
+def test_damaged_index_offsets_against_tar_headers(cifar_shards, tmp_path):
+    """An .idx whose offsets point elsewhere in its tar (a manifest without idx checksums): the tar
+    header check still catches it before DALI reads wrong bytes."""
+    import json
+
+    copy = _damaged_copy(cifar_shards[0], tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for s in manifest["splits"]["train"]["wds"]["shards"]:
+        s.pop("idx_sha256")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    idx = copy / "wds" / "train-000002.idx"
+    lines = idx.read_text().splitlines()
+    a, b = lines[3].split(), lines[4].split()
+    a[1], b[1] = b[1], a[1]  # two samples' .cls offsets swapped: DALI would read the wrong labels
+    lines[3], lines[4] = " ".join(a), " ".join(b)
+    idx.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ShardError, match=r"train-000002\.tar: the tar header at byte \d+ is"):
+        loader(copy, backend="dali")
+
+
+def test_torch_worker_errors_come_back_as_one_line(cifar_shards, tmp_path, monkeypatch):
+    """A read error inside a DataLoader worker (start check bypassed): one ShardError line naming the
+    shard, not a worker traceback."""
+    import pipelines.torch_wds as tw
+
+    copy = _damaged_copy(cifar_shards[0], tmp_path)
+    monkeypatch.setattr(tw, "check_wds_split", lambda *a, **k: None)
+    tar = copy / "wds" / "val-000000.tar"
+    _poke(tar, 100, b"\xff" * 8)  # the first member's mode field: tarfile cannot open the stream
+    L = loader(copy, "val", backend="torch", batch_size=4, num_workers=2)
+    with pytest.raises(ShardError, match=r"val-000000\.tar") as e:
+        list(L)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_corrupt_ffcv_metadata_is_one_line_before_ffcv_allocates(cifar_shards, tmp_path):
+    import numpy as np
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.types import FieldDescType, HeaderType, get_metadata_type
+
+    copy = _damaged_copy(cifar_shards[0], tmp_path)
+    beton = copy / "ffcv" / "val.beton"
+    original = beton.read_bytes()
+    meta_type = get_metadata_type([RGBImageField(), IntField()])
+    meta_at = HeaderType.itemsize + 2 * FieldDescType.itemsize
+    image = meta_type.fields[meta_type.names[0]]
+    width_at = meta_at + 5 * meta_type.itemsize + image[1] + image[0].fields["width"][1]
+    cases = [
+        (width_at, np.array([65535], "<u2").tobytes(), r"sample 5 is 65535x32 px"),  # 192 GiB territory
+        (HeaderType.fields["num_samples"][1], np.array([31], "<u8").tobytes(), r"header says 31 samples, manifest says 30"),
+        (HeaderType.itemsize, bytes([1]), r"fields image:IntField"),
+        (HeaderType.fields["version"][1], np.array([7], "<u2").tobytes(), "format version 7"),
+    ]
+    for offset, data, message in cases:
+        beton.write_bytes(original)
+        _poke(beton, offset, data)
+        with pytest.raises(ShardError, match=rf"corrupt FFCV beton .*val\.beton: {message}") as e:
+            loader(copy, "val", backend="ffcv")
+        assert "\n" not in str(e.value)
+
+
+def _uint8_digests(images, mean, std):
+    x = (images.float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1))
+    return [hashlib.sha1(v.round().clamp(0, 255).to(torch.uint8).numpy().tobytes()).hexdigest() for v in x]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_same_model_same_val_accuracy_through_every_backend(cifar_shards, world_size):
+    """Issue 8 item 12: the same model evaluated through dali, memory, torch and ffcv on the same val
+    split sees the same multiset of (image, label) pairs, exactly once across ranks, and scores the
+    same accuracy (a one-epoch Acc@5 gap between backends came from training, not evaluation)."""
+    root, arrays = cifar_shards
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+    src = sorted(zip(_uint8_digests((torch.from_numpy(arrays["val"][0]).permute(0, 3, 1, 2).float()
+                                      - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1),
+                                     CIFAR_MEAN, CIFAR_STD), arrays["val"][1].tolist()))
+    results = {}
+    for backend in BACKENDS:
+        pairs, correct = [], torch.zeros(2, dtype=torch.int64)
+        for rank in range(world_size):
+            for b in loader(root, "val", backend, batch_size=8, rank=rank, world_size=world_size):
+                assert b.images.dtype == torch.float32 and b.labels.dtype == torch.int64
+                pairs += zip(_uint8_digests(b.images, CIFAR_MEAN, CIFAR_STD), b.labels.tolist())
+                with torch.no_grad():
+                    top5 = model(b.images).topk(5, 1).indices
+                correct += torch.stack([(top5[:, 0] == b.labels).sum(), (top5 == b.labels[:, None]).any(1).sum()])
+        assert sorted(pairs) == src, backend  # every val sample exactly once, same pixels, same label
+        results[backend] = correct.tolist()
+    assert len(set(map(tuple, results.values()))) == 1, results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_are_fresh_tensors_and_record_logits_feeds_the_mix(cifar_shards, backend):
+    root, _ = cifar_shards
+    L = loader(root, backend=backend, mix=RecursiveMix(alpha=1.0, box="sample", seed=3))
+    kept, copies, with_history = [], [], []
+    for b in L:
+        kept.append((b.images, b.labels, b.targets))
+        copies.append((b.images.clone(), b.labels.clone(), b.targets.clone()))
+        logits = torch.full((b.images.shape[0], 10), float(len(kept)))
+        L.record_logits(logits)
+        if b.history_logits is not None:  # the history's logits are what record_logits got last
+            assert torch.equal(b.history_logits, torch.full_like(b.history_logits, len(kept) - 1))
+            with_history.append(len(kept))
+    assert with_history and L.mix.uses_logits
+    for (i, l, t), (ic, lc, tc) in zip(kept, copies):
+        assert torch.equal(i, ic) and torch.equal(l, lc) and torch.equal(t, tc)
+    assert len({i.data_ptr() for i, _, _ in kept}) == len(kept)
+    assert len({l.data_ptr() for _, l, _ in kept}) == len(kept)

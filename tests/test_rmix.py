@@ -223,11 +223,18 @@ def test_uint8_and_channels_last(box, mode):
     assert b.images.dtype == torch.uint8
     assert b.images.is_contiguous(memory_format=torch.channels_last)
     assert b.boxes is not None
-    # pasted pixels come from the history image (uint8 values, not garbage)
-    x1b, y1b, x2b, y2b = (int(v) for v in b.boxes[0])
-    region = b.images[0, :, y1b:y2b, x1b:x2b].float()
-    assert region.min() >= 0 and region.max() <= 255
-    assert not torch.equal(b.images, x1)
+    # inside each box: the whole history image resized into it; outside: the batch untouched
+    for i in range(x1.shape[0]):
+        bx1, by1, bx2, by2 = (int(v) for v in b.boxes[i])
+        if bx2 <= bx1 or by2 <= by1:
+            continue
+        kw = {"align_corners": True} if mode == "bilinear" else {}
+        ref = F.interpolate(x0[i : i + 1].float(), size=(by2 - by1, bx2 - bx1), mode=mode, **kw)[0]
+        region = b.images[i, :, by1:by2, bx1:bx2].float()
+        assert (region - ref).abs().max() <= (0 if mode == "nearest" else 1), (i, mode)
+        outside = torch.ones_like(x1[i], dtype=torch.bool)
+        outside[:, by1:by2, bx1:bx2] = False
+        assert torch.equal(b.images[i][outside], x1[i][outside])
 
 
 def test_soft_targets_accepted_and_int_labels_need_classes():
@@ -276,8 +283,16 @@ def test_nomix_and_registry():
     x, y = batch()
     b = build_mix("none", num_classes=10, alpha=0.5)(x, y)
     assert b.boxes is None and torch.equal(b.images, x) and torch.all(b.lam == 1)
-    assert isinstance(build_mix("recursive_mix", alpha=0.5), RecursiveMix)
-    assert isinstance(NoMix(), NoMix)
+    rm = build_mix("recursive_mix", alpha=0.5, num_classes=10)
+    assert type(rm) is RecursiveMix and rm.alpha == 0.5 and rm.uses_logits
+    assert not NoMix().uses_logits and not CutMix(1.0).uses_logits
+    # the loader contract: a mix that keeps history may borrow the batch instead of copying it
+    assert rm.copy_history
+    rm.borrow_batches()
+    assert not rm.copy_history
+    xb = x.clone()
+    rm(xb, y)
+    assert rm._images.data_ptr() == xb.data_ptr()  # a reference to the same memory, not a copy
     with pytest.raises(ValueError, match="unknown mix"):
         build_mix("fmix")
 
@@ -318,3 +333,25 @@ def test_recursive_mix_on_cuda_matches_cpu(box):
         logits = torch.randn(6, 10)
         cpu.record_logits(logits)
         gpu.record_logits(logits.cuda())
+
+
+@pytest.mark.parametrize("cls, kw, exact", [(RecursiveMix, {}, True), (RecursiveMix, {"interpolation": "bilinear"}, False),
+                                             (CutMix, {"alpha": 1.0}, True), (Mixup, {"alpha": 1.0}, False),
+                                             (ResizeMix, {}, True), (NoMix, {}, True)])
+def test_exact_on_uint8_means_mixing_commutes_with_normalisation(cls, kw, exact):
+    """A mix that declares exact_on_uint8 gives the same float batch whether it mixes the uint8 batch
+    and normalisation follows, or normalisation comes first (what a loader relies on)."""
+    mean = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1)
+    std = torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1)
+    a, b = cls(num_classes=10, seed=5, **kw), cls(num_classes=10, seed=5, **kw)
+    assert a.exact_on_uint8 == exact
+    same = True
+    for s in range(4):
+        x, y = batch(dtype=torch.uint8, seed=s)
+        u8_first = (a(x.clone(), y).images.float() - mean) / std
+        f_first = b((x.float() - mean) / std, y).images
+        same &= torch.equal(u8_first, f_first)
+        for m in (a, b):
+            if m.uses_logits:
+                m.record_logits(torch.zeros(6, 10))
+    assert same == exact

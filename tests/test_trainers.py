@@ -13,8 +13,8 @@ import torch
 import torchvision
 
 from shards.build import ShardParams, build
-from trainers.classify import run
-from trainers.config import TrainConfig
+from trainers.classify import EXIT_PREEMPTED, RunState, main, resolve_device, run, train_one_epoch
+from trainers.config import ConfigError, TrainConfig
 from trainers.models import build_model, cifar_resnet18, pyramidnet_164_270, pyramidnet_200_240, resnet50, small_cnn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def cfg(digits, tmp, **kw):
 
 
 def cli(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "rmix.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
 
 
@@ -90,12 +90,15 @@ def test_exact_resume_is_bitwise(digits, tmp_path, loader):
     assert resumed["val_acc1"] == whole["val_acc1"]
 
 
+@pytest.mark.slow
 def test_recursive_mix_reaches_the_loss_and_evaluate_best(digits, tmp_path):
     r = cli("train", "--data", "digits", "--data_dir", str(digits), "--save_dir", str(tmp_path), "--name", "rm",
             "--model_file", "small", "--model_name", "small_cnn", "--epoch", "1", "--batch_size", "100",
             "--print_freq", "1", "--aug", "recursive_mix", "--aug_omega", "0.5", "--loader", "memory", "--save_model",
             "--num_workers", "2")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("rmix train: {") and '"aug": "recursive_mix"' in r.stdout.splitlines()[0]
+    assert "\r" not in r.stdout + r.stderr  # off a terminal: log lines, no progress-bar frames
     roi = [float(v) for v in re.findall(r"ROI (\d+\.\d+)", r.stdout)]
     assert len(roi) == 15
     assert roi[0] == 0.0  # first step of the epoch: no history, no ROI term
@@ -108,7 +111,8 @@ def test_recursive_mix_reaches_the_loss_and_evaluate_best(digits, tmp_path):
     assert m and final and float(m.group(1)) == pytest.approx(float(final[0]))
 
 
-def test_sigterm_saves_latest_and_exits_cleanly(digits, tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_latest_and_exits_non_zero(digits, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "trainers.classify", "--data", "digits", "--data_dir", str(digits),
                           "--save_dir", str(tmp_path), "--name", "term", "--model_file", "small",
                           "--model_name", "small_cnn", "--epoch", "50", "--batch_size", "20", "--print_freq", "2",
@@ -120,12 +124,13 @@ def test_sigterm_saves_latest_and_exits_cleanly(digits, tmp_path):
             break
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-2000:]
-    assert "stopped at step" in out
+    assert p.returncode == EXIT_PREEMPTED, err[-2000:]  # a scheduler must not count it as finished
+    assert "stopped at step" in out and "(SIGTERM)" in out
     ckpt = torch.load(tmp_path / "digits" / "term" / "latest.pth", weights_only=False)
     assert ckpt["step"] >= 2 and ckpt["mid_epoch"]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_agree(digits, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -134,6 +139,7 @@ def test_ddp_two_processes_on_cpu_agree(digits, tmp_path):
                         "--epoch", "1", "--batch_size", "100", "--aug", "recursive_mix", "--num_workers", "2"],
                        capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "find_unused_parameters" not in r.stderr  # every parameter takes part in every step
     finals = dict(re.findall(r"rank (\d): final (\{.*\})", r.stdout))
     assert set(finals) == {"0", "1"}
     assert finals["0"] == finals["1"]  # reduced metrics are the same on every rank
@@ -141,17 +147,104 @@ def test_ddp_two_processes_on_cpu_agree(digits, tmp_path):
     assert len(ckpt["loader"]) == 2 and ckpt["loader"][1]["rank"] == 1
 
 
+def _bad_checkpoints(tmp):
+    """A corrupt file and a pickle that is not a checkpoint."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "corrupt.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    torch.save({"weights": torch.zeros(3)}, tmp / "other.pth")
+    return tmp
+
+
 @pytest.mark.parametrize("args, message", [
     (["--aug", "mixmatch"], "invalid choice: 'mixmatch'"),
+    (["--loader", "tfdata"], "invalid choice: 'tfdata'"),
     (["--data_dir", "/nonexistent/shards"], "no manifest.json at /nonexistent/shards"),
     (["--resume", "latest", "--name", "never-ran"], "no checkpoint at"),
     (["--evaluate"], "--evaluate needs --resume"),
     (["--data", "cifar10"], "--data cifar10 but"),
     (["--aug_plus"], "--aug_plus is the ImageNet"),
+    (["--device", "banana"], "--device 'banana': use auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:0"], "--device cuda:0 asked for, but CUDA is not available"),
+    (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+    (["--aug", "cutmix", "--aug_alpha", "-1"], "--aug_alpha must be > 0, got -1.0"),
+    (["--batch_size", "5000"], "--batch_size 5000 is larger than the train split (1500 samples"),
+    (["--model_name", "resnet999"], "unknown CIFAR-size model --model_file small --model_name resnet999"),
+    (["--resume", "{tmp}/corrupt.pth"], "corrupt.pth is not a readable checkpoint"),
+    (["--resume", "{tmp}/other.pth"], "other.pth is not a checkpoint of `rmix train`"),
 ])
-def test_bad_flags_fail_at_start_with_one_line(digits, tmp_path, args, message):
-    base = ["train", "--data_dir", str(digits), "--save_dir", str(tmp_path), "--model_file", "small",
-            "--model_name", "small_cnn", "--epoch", "1"]
-    r = cli(*base, *args, timeout=300)
-    assert r.returncode != 0
-    assert message in r.stderr.strip().splitlines()[-1], r.stderr[-1000:]
+def test_bad_flags_fail_at_start_with_one_line(digits, tmp_path, capsys, args, message):
+    if "cuda:0" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _bad_checkpoints(tmp_path / "ck")
+    args = [a.replace("{tmp}", str(tmp_path / "ck")) for a in args]
+    base = ["--data_dir", str(digits), "--save_dir", str(tmp_path), "--model_file", "small",
+            "--model_name", "small_cnn", "--epoch", "1", "--num_workers", "1", "--loader", "memory"]
+    with pytest.raises(SystemExit) as e:
+        main(base + args)
+    said = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code != 0 and "\n" not in said.strip()
+    assert message in said, said
+
+
+@pytest.mark.slow
+def test_one_line_through_the_console_script(digits, tmp_path):
+    r = cli("train", "--data_dir", str(digits), "--save_dir", str(tmp_path), "--model_file", "small",
+            "--model_name", "small_cnn", "--device", "banana", timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["rmix train: --device 'banana': use auto, cpu, cuda or cuda:N"]
+
+
+def test_checkpoint_of_another_model_is_refused(digits, tmp_path):
+    run(cfg(digits, tmp_path, loader="memory", stop_after_steps=1))
+    with pytest.raises(Exception, match="was trained with --data digits --model_file small --model_name small_cnn; "
+                       "this run has --data digits --model_file resnet --model_name resnet18"):
+        run(cfg(digits, tmp_path, loader="memory", model_file="resnet", model_name="resnet18", resume="latest"))
+
+
+def test_device_resolution(monkeypatch):
+    assert resolve_device("cpu", 0, 1).type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 0, 1) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda", 0, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", 1, 2) == torch.device("cuda", 1)  # each rank its LOCAL_RANK GPU
+    assert resolve_device("cuda", 1, 2) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1", 0, 1) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="GPU 3 does not exist"):
+        resolve_device("cuda:3", 0, 1)
+    with pytest.raises(ConfigError, match="with 2 processes: use --device cuda"):
+        resolve_device("cuda:0", 0, 2)
+
+
+class _SlowLoader:
+    """Batches that take ``delay`` seconds to arrive: the trainer must report the wait as data-wait."""
+
+    def __init__(self, batches, delay):
+        self.batches, self.delay = batches, delay
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            time.sleep(self.delay)
+            yield b
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_data_wait_measures_waiting(digits, tmp_path, delay):
+    """data-wait is the share of the epoch spent waiting for batches: here the loader's sleeps over
+    the wall time measured outside (robust to a loaded machine, where compute takes longer)."""
+    from pipelines import build_loader
+
+    c = cfg(digits, tmp_path, aug="none", progress=False, print_freq=10**6)
+    made = list(build_loader(digits, "train", backend="memory", batch_size=100, train=True))[:4]
+    model = small_cnn(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    t0 = time.perf_counter()
+    row = train_one_epoch(model, _SlowLoader(made, delay), opt, torch.amp.GradScaler("cuda", enabled=False), c, 1,
+                          RunState(), device=torch.device("cpu"), log=lambda m: None)
+    expected = 4 * delay / (time.perf_counter() - t0)
+    assert abs(row["data_wait"] - expected) < 0.05, (row, expected)

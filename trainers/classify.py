@@ -3,12 +3,17 @@
     torchrun --nproc_per_node=N -m trainers.classify <the seed's flags>
     rmix train <the seed's flags>                       # one process
 
-Reads top to bottom: config -> distributed -> data (loaders own the mix) -> model -> optimizer ->
-resume -> (evaluate) -> epochs of train / checkpoint / eval. Only rank 0 writes logs and checkpoints;
-metrics are reduced across ranks. The learning rate follows the seed's per-epoch schedule (linear
-warm-up, then step or cosine). With ``--aug recursive_mix`` the loss is the soft-target CE plus
-``omega * (1 - lam) * CE(roi_logits, softmax(history logits))`` and the logits of every step are
-recorded into the mix as the next step's history.
+Reads top to bottom, as torchvision's classification reference: ``run`` sets up the process group,
+the loaders (which own the mix), the model, optimizer and resume, then loops over epochs calling
+``train_one_epoch`` and ``evaluate``; ``trainers.checkpoint`` saves and loads. Only rank 0 writes logs
+and checkpoints; metrics are reduced across ranks. The learning rate follows the seed's per-epoch
+schedule (linear warm-up, then step or cosine). With ``--aug recursive_mix`` the loss is the
+soft-target CE plus ``omega * (1 - lam) * CE(roi_logits, softmax(history logits))`` and the logits of
+every step go back to the loader (``record_logits``) as the next step's history.
+
+Exit status: 0 when the run finished (or stopped at ``--stop_after_steps``), 1 with one line on bad
+input, ``EXIT_PREEMPTED`` (143) after SIGTERM once ``latest.pth`` is saved, so a scheduler requeues
+the job instead of counting it as done.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -30,44 +37,67 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipelines import build_loader
+from pipelines.seeds import derive_seed
 from rmix import build_mix, soft_target_cross_entropy
-from rmix.losses import roi_loss_or_zero
+from rmix.losses import roi_consistency_loss
 from shards.errors import ShardError
 from shards.manifest import load_manifest
 
+from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, resolve_path, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig, parse_config
 from .models import build_model
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the shell's code for "terminated", after latest.pth is saved
 
 
 class Stop(Exception):
     """Raised inside the epoch loop when the run must save ``latest`` and exit (SIGTERM, a step budget)."""
 
 
+@dataclass
+class RunState:
+    """What the epoch loop advances: the global step, the best validation metrics, the stop flag."""
+
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"acc1": 0.0, "acc5": 0.0, "epoch": 0})
+    sigterm: bool = False
+
+
+# -- distributed -------------------------------------------------------------------------------------
+def resolve_device(spec: str, local_rank: int, world: int) -> torch.device:
+    """``auto`` / ``cuda`` -> this rank's GPU (``cuda:LOCAL_RANK``) or, for auto without CUDA, the CPU;
+    ``cuda:N`` -> that GPU (one process only); ``cpu``. Anything unusable is a one-line ConfigError."""
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec} asked for, but CUDA is not available (use --device auto or cpu)")
+    if spec in ("auto", "cuda"):
+        index = local_rank
+    else:
+        index = int(spec.split(":")[1])
+        if world > 1:
+            raise ConfigError(f"--device {spec} with {world} processes: use --device cuda (each rank takes cuda:LOCAL_RANK)")
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {spec}: GPU {index} does not exist ({torch.cuda.device_count()} visible)")
+    return torch.device("cuda", index)
+
+
 def setup_distributed(cfg: TrainConfig):
     """Rank, world size and device from the torchrun environment; NCCL on GPU, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but CUDA is not available")
-    if use_cuda:
-        torch.cuda.set_device(local)
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)), world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
-def reduce_mean(values: list[float], device, world: int) -> list[float]:
-    """Average across ranks (sum then divide); identity on one process."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-
 def reduce_sum(values: list[float], device, world: int) -> list[float]:
+    """Sum across ranks; identity on one process."""
     if world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -75,6 +105,11 @@ def reduce_sum(values: list[float], device, world: int) -> list[float]:
     return t.tolist()
 
 
+def reduce_mean(values: list[float], device, world: int) -> list[float]:
+    return [v / world for v in reduce_sum(values, device, world)]
+
+
+# -- schedule, metrics, timing ------------------------------------------------------------------------
 def seed_lr(cfg: TrainConfig, epoch: int) -> float:
     """The seed's ``adjust_learning_rate`` (epochs count from 1)."""
     if epoch <= cfg.warmup:
@@ -91,25 +126,186 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch
     return torch.stack([hit[:, : min(kk, k)].any(1).sum() for kk in ks]).double()
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+class StepTimer:
+    """Wall time of the epoch split into waiting for data and computing.
+
+    On the CPU the host clock is the truth. On CUDA the step only *launches* work, so host clocks would
+    call everything "compute": there each step's GPU time is taken with CUDA events (as airbench does),
+    read once per log line, and waiting is the rest of the wall time.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start = self.last = time.perf_counter()
+        self.host_wait = 0.0
+        self.gpu_ms = 0.0
+        self._events: list = []
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.host_wait += now - self.last
+        if self.cuda:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            self._events.append([begin, None])
+
+    def step_done(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1][1] = end
+        self.last = time.perf_counter()
+
+    def read(self) -> tuple[float, float]:
+        """(wall seconds, fraction of it spent waiting for data); on CUDA this synchronises once."""
+        if self.cuda and self._events:
+            self._events[-1][1].synchronize()  # the one sync, per log line
+            self.gpu_ms += sum(b.elapsed_time(e) for b, e in self._events)
+            self._events.clear()
+        wall = max(time.perf_counter() - self.start, 1e-9)
+        if self.cuda:
+            return wall, min(1.0, max(0.0, 1.0 - self.gpu_ms / 1e3 / wall))
+        return wall, min(1.0, self.host_wait / wall)
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def progress_bar(cfg: TrainConfig, master: bool, **kw):
+    """A tqdm bar on a terminal; off a terminal (CI, ``> log.txt``, a cluster job) none: carriage-return
+    frames would pile up in one endless line, and the periodic log lines say the same."""
+    enabled = cfg.progress and master and sys.stderr.isatty()
+    return tqdm(dynamic_ncols=True, leave=False, unit="step", **kw) if enabled else None
+
+
+# -- one step, one epoch, evaluation ----------------------------------------------------------------
+def forward_loss(ddp_model, b, cfg: TrainConfig):
+    """Logits and the loss of one batch: soft-target CE, plus RecursiveMix's ROI consistency term.
+
+    With RecursiveMix the ROI head runs on every batch: where nothing was pasted (the first batch of an
+    epoch) on the whole image with weight ``1 - lam = 0``. Its gradient is then zero, but every
+    parameter takes part in every step, so DDP needs no ``find_unused_parameters`` search.
+    """
+    if cfg.aug != "recursive_mix":
+        logits = ddp_model(b.images)
+        loss = soft_target_cross_entropy(logits, b.targets)
+        return logits, loss, loss.new_zeros(())
+    boxes = b.boxes
+    if boxes is None:
+        h, w = b.images.shape[-2:]
+        boxes = b.images.new_tensor([0.0, 0.0, w, h], dtype=torch.float32).expand(b.images.shape[0], 4)
+    logits, roi_logits = ddp_model(b.images, boxes, share_fc=cfg.share_fc)
+    loss = soft_target_cross_entropy(logits, b.targets)
+    if b.history_logits is None:
+        roi = roi_logits.sum() * 0.0
+    else:
+        roi = roi_consistency_loss(roi_logits, b.history_logits, b.lam, cfg.aug_omega)
+    return logits, loss + roi, roi
+
+
+def train_one_epoch(ddp_model, loader, optimizer, scaler, cfg: TrainConfig, epoch: int, state: RunState, *,
+                    device: torch.device, world: int = 1, autocast=nullcontext, log: Callable = print,
+                    should_stop: Optional[Callable[[], bool]] = None, master: bool = True) -> dict:
+    """Train over ``loader`` (any iterable of :class:`rmix.MixedBatch`; ``loader.record_logits`` receives
+    each step's logits when it has one) and return the epoch's reduced metrics.
+
+    Metrics accumulate on the device and are read once per ``print_freq`` steps. Raises :class:`Stop`
+    when ``should_stop()`` says so (SIGTERM, a step budget).
+    """
+    record = getattr(loader, "record_logits", None)
+    ddp_model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    sums_dev = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, roi*n, top1, top5, n
+    timer = StepTimer(device)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    start = getattr(loader, "position", 0)
+    bar = progress_bar(cfg, master, total=total, initial=start, desc=f"epoch {epoch}/{cfg.epoch}")
+    for b in loader:
+        timer.data_ready()
+        with autocast():
+            logits, loss, roi = forward_loss(ddp_model, b, cfg)
+        if record is not None:
+            record(logits.detach())  # the history triplet's prediction
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        state.step += 1
+        n = b.labels.shape[0]
+        sums_dev += torch.cat([torch.stack([loss.detach(), roi.detach()]).double() * n,
+                               topk_correct(logits.detach(), b.labels), sums_dev.new_tensor([n])])
+        timer.step_done()
+        if bar is not None:
+            bar.update(1)
+        if state.step % cfg.print_freq == 0:
+            s = sums_dev.tolist()  # the one host sync, every print_freq steps
+            wall, wait = timer.read()
+            pos = getattr(loader, "position", "?")
+            log(f"Epoch [{epoch}/{cfg.epoch}][{pos}/{total}]\tlr {lr:.6f}\tLoss {s[0] / s[4]:.4f}\t"
+                f"ROI {s[1] / s[4]:.4f}\tAcc@1 {100 * s[2] / s[4]:.2f}\tAcc@5 {100 * s[3] / s[4]:.2f}\t"
+                f"{s[4] * world / wall:.0f} img/s\tdata-wait {100 * wait:.1f}%")
+        if should_stop is not None and should_stop():
+            if bar is not None:
+                bar.close()
+            raise Stop()
+    if bar is not None:
+        bar.close()
+    s = sums_dev.tolist()
+    wall, wait = timer.read()
+    n = max(s[4], 1)
+    loss, roi, acc1, acc5, img_s, wait = reduce_mean(
+        [s[0] / n, s[1] / n, 100 * s[2] / n, 100 * s[3] / n, s[4] * world / wall, wait], device, world)
+    return dict(lr=lr, train_loss=loss, roi_loss=roi, train_acc1=acc1, train_acc5=acc5, img_per_s=img_s,
+                data_wait=wait)
+
+
+@torch.no_grad()
+def evaluate(ddp_model, loader, device: torch.device, world: int = 1, autocast=nullcontext) -> tuple[float, float]:
+    """Top-1 / top-5 accuracy in percent over the whole split; each sample counts once across ranks."""
+    ddp_model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    with autocast():
+        for b in loader:
+            sums[:2] += topk_correct(ddp_model(b.images), b.labels)
+            sums[2] += b.labels.shape[0]
+    c1, c5, n = reduce_sum(sums.tolist(), device, world)
+    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
+
+
+# -- building blocks of run() -----------------------------------------------------------------------
+def build_train_mix(cfg: TrainConfig, num_classes: int, rank: int):
+    """The ``--aug`` mix with the seed's arguments and this rank's own generator."""
+    kw = dict(num_classes=num_classes, smoothing=cfg.smoothing, seed=derive_seed(cfg.random_seed, rank, 0, "mix"))
+    if cfg.aug == "recursive_mix":
+        kw.update(alpha=cfg.aug_alpha, interpolation=cfg.interpolate_mode, box=cfg.rm_box,
+                  keep_history_across_epochs=cfg.keep_history)
+    elif cfg.aug != "none":
+        kw.update(alpha=cfg.aug_alpha)
+    return build_mix(cfg.aug, **kw)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def main(argv=None) -> None:
     try:
         cfg = parse_config(argv)
-        run(cfg)
-    except (ConfigError, ShardError, FileNotFoundError) as e:
+        result = run(cfg)
+    except (ConfigError, ShardError, CheckpointError) as e:
         sys.exit(f"rmix train: {e}")
+    if result.get("preempted"):
+        sys.exit(EXIT_PREEMPTED)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -119,11 +315,12 @@ def run(cfg: TrainConfig) -> dict:
     random.seed(cfg.random_seed)
     np.random.seed(cfg.random_seed)
     torch.manual_seed(cfg.random_seed)
+    log = (lambda msg: print(msg, flush=True)) if master else (lambda msg: None)
+    log(f"rmix train: {json.dumps(cfg.to_dict())}")  # the resolved config, as torchvision's print(args)
     out_dir = Path(cfg.save_dir) / cfg.data / cfg.name
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    log = (lambda msg: print(msg, flush=True)) if master else (lambda msg: None)
 
     # -- data: the loaders own the mix and its history ------------------------------------------
     manifest = load_manifest(cfg.data_dir)
@@ -132,198 +329,127 @@ def run(cfg: TrainConfig) -> dict:
     num_classes = manifest["num_classes"]
     if cfg.batch_size % world:
         raise ConfigError(f"--batch_size {cfg.batch_size} is not divisible by the world size {world}")
-    per_rank_batch = cfg.batch_size // world
-    workers = max(1, (cfg.num_workers + world - 1) // world)
-    mix_kw = dict(num_classes=num_classes, smoothing=cfg.smoothing, seed=cfg.random_seed * 1000 + rank)
-    if cfg.aug == "recursive_mix":
-        mix_kw.update(alpha=cfg.aug_alpha, interpolation=cfg.interpolate_mode, box=cfg.rm_box,
-                      keep_history_across_epochs=cfg.keep_history)
-    elif cfg.aug != "none":
-        mix_kw.update(alpha=cfg.aug_alpha)
-    mix = build_mix(cfg.aug, **mix_kw)
+    per_rank = cfg.batch_size // world
     preset = ("imagenet_train_plus" if cfg.aug_plus else "imagenet_train") if cfg.data == "imagenet" else None
-    dtype = "float32"
     common = dict(backend=cfg.loader, device=device, rank=rank, world_size=world, seed=cfg.random_seed,
-                  channels_last=cfg.channels_last, dtype=dtype, num_workers=workers)
-    train_loader = build_loader(manifest, "train", batch_size=per_rank_batch, train=True, mix=mix, preset=preset, **common)
-    val_loader = build_loader(manifest, "val", batch_size=per_rank_batch, train=False, **common)
+                  channels_last=cfg.channels_last, num_workers=max(1, -(-cfg.num_workers // world)))
+    train_loader = build_loader(manifest, "train", batch_size=per_rank, train=True, preset=preset,
+                                mix=build_train_mix(cfg, num_classes, rank), **common)
+    val_loader = build_loader(manifest, "val", batch_size=per_rank, train=False, **common)
+    if len(train_loader) == 0:
+        n = manifest["splits"]["train"]["num_samples"]
+        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the train split ({n} samples over "
+                          f"{world} rank(s)): no training step would run")
 
     # -- model, optimizer, precision -------------------------------------------------------------
-    model = build_model(cfg.model_file, cfg.model_name, num_classes, imagenet=cfg.data == "imagenet").to(device)
+    try:
+        model = build_model(cfg.model_file, cfg.model_name, num_classes, imagenet=cfg.data == "imagenet").to(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.aug != "recursive_mix" or cfg.share_fc:
+        model.fc_roi.requires_grad_(False)  # never used: out of the optimizer and of DDP's reduction
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=True) if world > 1 else model  # fc_roi idles on batches without a box
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    amp = cfg.amp if device.type == "cuda" else "off"  # CPU trains in full precision
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    optimizer = build_optimizer(cfg, model)
+    amp = cfg.amp if device.type == "cuda" else "off"  # the CPU trains in full precision
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)) \
         if amp != "off" else nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
 
-    def evaluate(epoch: int) -> tuple[float, float]:
-        model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        with torch.no_grad(), autocast():
-            for b in val_loader:
-                sums[:2] += topk_correct(ddp_model(b.images), b.labels)
-                sums[2] += b.labels.shape[0]
-        c1, c5, n = reduce_sum(sums.tolist(), device, world)  # eval sees each sample once across ranks: exact
-        return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
-
-    def evaluate_only(epoch: int) -> tuple[float, float]:
-        acc1, acc5 = evaluate(epoch)
-        log(f"Epoch(val) [{epoch}]\tTest Acc@1: {acc1:.4f}\tTest Acc@5: {acc5:.4f}")
-        return acc1, acc5
-
     # -- resume ----------------------------------------------------------------------------------
-    start_epoch, step, best = 1, 0, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
-    mid_epoch = False
+    state, start_epoch, mid_epoch = RunState(), 1, False
     if cfg.resume:
-        path = out_dir / f"{cfg.resume}.pth" if cfg.resume in ("best", "latest") else Path(cfg.resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path} (--resume {cfg.resume})")
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        path = resolve_path(out_dir, cfg.resume)
+        ckpt = load_checkpoint(path, map_location=device)
+        load_model_state(model, ckpt, path, cfg.to_dict())
         if cfg.evaluate:  # weights are all an evaluation needs
-            acc1, acc5 = evaluate_only(ckpt["epoch"])
+            acc1, acc5 = evaluate(ddp_model, val_loader, device, world, autocast)
+            log(f"Epoch(val) [{ckpt['epoch']}]\tTest Acc@1: {acc1:.4f}\tTest Acc@5: {acc5:.4f}")
             return {"acc1": acc1, "acc5": acc5}
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, best = ckpt["step"], ckpt["best"]
+        state.step, state.best = ckpt["step"], ckpt["best"]
         loader_state = ckpt["loader"][rank] if len(ckpt["loader"]) == world else None
         mid_epoch = ckpt["mid_epoch"] and loader_state is not None
         if loader_state is not None:
             train_loader.load_state_dict(loader_state)
         set_rng_state(ckpt["rng"])
         start_epoch = ckpt["epoch"] if mid_epoch else ckpt["epoch"] + 1
-        log(f"=> resumed {path} (epoch {ckpt['epoch']}{', mid-epoch' if mid_epoch else ''}, step {step})")
+        log(f"=> resumed {path} (epoch {ckpt['epoch']}{', mid-epoch' if mid_epoch else ''}, step {state.step})")
 
-    # -- checkpoints: the unwrapped model, and every rank's loader state -------------------------
     def save(name: str, epoch: int, in_epoch: bool) -> None:
+        """Rank 0 writes; every rank's loader state (reader position, mix history) goes in."""
         loader_states = [train_loader.state_dict()]
-        if world > 1:  # each rank's loader (DALI reader position, mix history) is part of the run
-            gathered = [None] * world
-            dist.all_gather_object(gathered, loader_states[0])
-            loader_states = gathered
-        if not master:
-            return
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step": step, "mid_epoch": in_epoch, "best": best, "loader": loader_states,
-                "rng": rng_state(), "config": cfg.to_dict()}
-        tmp = out_dir / f"{name}.pth.tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, out_dir / f"{name}.pth")  # a kill during the write never leaves a torn file
+        if world > 1:
+            loader_states = [None] * world
+            dist.all_gather_object(loader_states, train_loader.state_dict())
+        if master:
+            save_checkpoint(out_dir / f"{name}.pth", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": state.step, "mid_epoch": in_epoch, "best": state.best,
+                "loader": loader_states, "rng": rng_state(), "config": cfg.to_dict()})
 
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(state, "sigterm", True))
 
     def should_stop() -> bool:
         """SIGTERM or the step budget. With DDP every rank must stop at the same step (the save
         gathers every rank's loader state), so ranks agree on the flag every 20 steps."""
-        if cfg.stop_after_steps and step >= cfg.stop_after_steps:
+        if cfg.stop_after_steps and state.step >= cfg.stop_after_steps:
             return True
         if world == 1:
-            return stop["flag"]
-        if step % 20:
+            return state.sigterm
+        if state.step % 20:
             return False
-        flag = torch.tensor([float(stop["flag"])], device=device)
+        flag = torch.tensor([float(state.sigterm)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
     metrics_path = out_dir / "metrics.csv"
     if master and not cfg.resume and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
-        tb = SummaryWriter(str(out_dir / "tb")) if master else None
-    except ImportError:
-        tb = None
+    tb = None
+    if master:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
+            tb = SummaryWriter(str(out_dir / "tb"))
+        except ImportError:
+            pass
 
     # -- epochs ----------------------------------------------------------------------------------
-    result = {}
+    result: dict = {}
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epoch + 1):
             if not (mid_epoch and epoch == start_epoch):
                 train_loader.set_epoch(epoch)
-            lr = seed_lr(cfg, epoch)
             for g in optimizer.param_groups:
-                g["lr"] = lr
-            model.train()
-            # loss*n, roi loss*n, correct@1, correct@5, n: accumulated on the device, read at log time
-            sums_dev = torch.zeros(5, dtype=torch.float64, device=device)
-            wait = compute = 0.0
-            t_last = time.perf_counter()
-            bar = tqdm(total=len(train_loader), initial=train_loader.position, disable=not master,
-                       desc=f"epoch {epoch}/{cfg.epoch}", unit="step", dynamic_ncols=True, leave=False)
-            for b in train_loader:
-                t_data = time.perf_counter()
-                with autocast():
-                    if b.boxes is not None and cfg.aug == "recursive_mix":
-                        logits, roi_logits = ddp_model(b.images, b.boxes, share_fc=cfg.share_fc)
-                    else:
-                        logits, roi_logits = ddp_model(b.images), None
-                    main_loss = soft_target_cross_entropy(logits, b.targets)
-                    roi_loss = roi_loss_or_zero(roi_logits, b.history_logits, b.lam, cfg.aug_omega)
-                    loss = main_loss + roi_loss
-                train_loader.mix.record_logits(logits.detach())  # the history triplet's prediction
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                n = b.labels.shape[0]
-                sums_dev += torch.cat([torch.stack([loss.detach(), roi_loss.detach()]).double() * n,
-                                       topk_correct(logits.detach(), b.labels), sums_dev.new_tensor([n])])
-                t_end = time.perf_counter()
-                wait += t_data - t_last
-                compute += t_end - t_data
-                t_last = t_end
-                bar.update(1)
-                if step % cfg.print_freq == 0:
-                    sums = sums_dev.tolist()  # the one host sync, every print_freq steps
-                    log(f"Epoch [{epoch}/{cfg.epoch}][{train_loader.position}/{len(train_loader)}]\tlr {lr:.6f}\t"
-                        f"Loss {sums[0] / sums[4]:.4f}\tROI {sums[1] / sums[4]:.4f}\tAcc@1 {100 * sums[2] / sums[4]:.2f}\t"
-                        f"Acc@5 {100 * sums[3] / sums[4]:.2f}\t{sums[4] * world / max(wait + compute, 1e-9):.0f} img/s\t"
-                        f"data-wait {100 * wait / max(wait + compute, 1e-9):.1f}%")
-                if should_stop():
-                    raise Stop()
-            bar.close()
-            sums = sums_dev.tolist()
+                g["lr"] = seed_lr(cfg, epoch)
+            row = train_one_epoch(ddp_model, train_loader, optimizer, scaler, cfg, epoch, state, device=device,
+                                  world=world, autocast=autocast, log=log, should_stop=should_stop, master=master)
             mid_epoch = False
-            loss_avg, roi_avg, acc1_t, acc5_t, img_s, wait_frac = reduce_mean(
-                [sums[0] / max(sums[4], 1), sums[1] / max(sums[4], 1), 100 * sums[2] / max(sums[4], 1),
-                 100 * sums[3] / max(sums[4], 1), sums[4] * world / max(wait + compute, 1e-9),
-                 wait / max(wait + compute, 1e-9)], device, world)
             save("latest", epoch, in_epoch=False)
-            acc1, acc5 = evaluate(epoch)
-            if acc1 >= best["acc1"]:
-                best = {"acc1": acc1, "acc5": acc5, "epoch": epoch}
+            acc1, acc5 = evaluate(ddp_model, val_loader, device, world, autocast)
+            if acc1 >= state.best["acc1"]:
+                state.best = {"acc1": acc1, "acc5": acc5, "epoch": epoch}
                 if cfg.save_model:
                     save("best", epoch, in_epoch=False)
-            row = dict(epoch=epoch, lr=lr, train_loss=loss_avg, roi_loss=roi_avg, train_acc1=acc1_t,
-                       train_acc5=acc5_t, val_acc1=acc1, val_acc5=acc5, img_per_s=img_s, data_wait=wait_frac)
-            result = dict(row, best_acc1=best["acc1"], best_acc5=best["acc5"])
+            row = dict(epoch=epoch, **row, val_acc1=acc1, val_acc5=acc5)
+            result = dict(row, best_acc1=state.best["acc1"], best_acc5=state.best["acc5"])
             if master:
-                new = not metrics_path.exists()
-                with open(metrics_path, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(row))
-                    if new:
-                        w.writeheader()
-                    w.writerow(row)
-                if tb is not None:
-                    for k, v in row.items():
+                append_metrics(metrics_path, row)
+                for k, v in row.items():
+                    if tb is not None:
                         tb.add_scalar(k, v, epoch)
-            log(f"Epoch(val) [{epoch}]\tTest Acc@1: {acc1:.4f}\tTest Acc@5: {acc5:.4f}\tBest Acc@1: {best['acc1']:.4f}\t"
-                f"Best Acc@5: {best['acc5']:.4f}\tloss {loss_avg:.4f}\t{img_s:.0f} img/s\t"
-                f"data-wait {100 * row['data_wait']:.1f}%")
+            log(f"Epoch(val) [{epoch}]\tTest Acc@1: {acc1:.4f}\tTest Acc@5: {acc5:.4f}\t"
+                f"Best Acc@1: {state.best['acc1']:.4f}\tBest Acc@5: {state.best['acc5']:.4f}\t"
+                f"loss {row['train_loss']:.4f}\t{row['img_per_s']:.0f} img/s\tdata-wait {100 * row['data_wait']:.1f}%")
     except Stop:
         save("latest", epoch, in_epoch=train_loader.position > 0)
-        log(f"=> stopped at step {step}; saved {out_dir / 'latest.pth'} (resume with --resume latest)")
-        result = {"stopped_at_step": step}
+        how = "SIGTERM" if state.sigterm else f"--stop_after_steps {cfg.stop_after_steps}"
+        log(f"=> stopped at step {state.step} ({how}); saved {out_dir / 'latest.pth'} (resume with --resume latest)")
+        result = {"stopped_at_step": state.step, **({"preempted": True} if state.sigterm else {})}
     if world > 1:
         print(f"rank {rank}: final {json.dumps({k: round(v, 6) for k, v in result.items()})}", flush=True)
         dist.destroy_process_group()

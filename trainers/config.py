@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Optional
+
+from pipelines import BACKENDS
+from rmix import MIXES
+from rmix.recursive_mix import BOX_MODES, INTERPOLATIONS
+from shards.build import DATASETS
 
 
 class ConfigError(ValueError):
     """A bad flag or combination; its message is the one line the user sees."""
+
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _f(default, help: str, choices=None, **kw):
@@ -25,7 +34,7 @@ def _f(default, help: str, choices=None, **kw):
 class TrainConfig:
     # -- the seed's flags (implus/RecursiveMix-pytorch main.py) ------------------------------------
     name: str = _f("run", "experiment name: logs and checkpoints go to SAVE_DIR/DATA/NAME")
-    data: str = _f("digits", "dataset", choices=("cifar10", "cifar100", "imagenet", "digits"))
+    data: str = _f("digits", "dataset", choices=DATASETS)
     data_dir: str = _f("data/shards/digits", "output of `make shards` for this dataset (holds manifest.json)")
     save_dir: str = _f("./logs", "root of logs and checkpoints")
     model_file: str = _f("resnet", "model family (resnet, pyramidnet, small)")
@@ -48,20 +57,21 @@ class TrainConfig:
     num_workers: int = _f(16, "decode workers in total, divided by the world size as in the seed")
     resume: str = _f("", "checkpoint to resume from: best, latest or a path")
     evaluate: bool = _f(False, "only evaluate (with --resume) and print Acc@1/Acc@5")
-    aug: str = _f("none", "batch mix", choices=("none", "mixup", "cutmix", "resizemix", "recursive_mix"))
+    aug: str = _f("none", "batch mix", choices=tuple(MIXES))
     aug_alpha: float = _f(0.5, "alpha of the mix (RM: box side = sqrt(U(0, alpha)))")
     aug_omega: float = _f(0.5, "weight of RecursiveMix's ROI consistency loss")
     aug_plus: bool = _f(False, "ImageNet: add ColorJitter 0.4 and PCA lighting 0.1")
-    interpolate_mode: str = _f("nearest", "how RM resizes the history", choices=("nearest", "bilinear"))
+    interpolate_mode: str = _f("nearest", "how RM resizes the history", choices=INTERPOLATIONS)
     share_fc: bool = _f(False, "ROI head shares the classifier fc")
     # -- ours --------------------------------------------------------------------------------------
-    loader: str = _f("dali", "loader backend", choices=("dali", "memory", "ffcv", "torch"))
-    device: str = _f("auto", "auto (CUDA when available), cpu, cuda")
+    loader: str = _f("dali", "loader backend", choices=tuple(BACKENDS))
+    device: str = _f("auto", "auto (CUDA when available), cpu, cuda (each rank its LOCAL_RANK GPU), cuda:N (one process)")
     channels_last: bool = _f(False, "channels_last memory format for images and model")
     amp: str = _f("off", "mixed precision on CUDA (CPU always runs fp32)", choices=("off", "fp16", "bf16"))
-    rm_box: str = _f("batch", "RM box per batch (seed) or per sample", choices=("batch", "sample"))
+    rm_box: str = _f("batch", "RM box per batch (seed) or per sample", choices=BOX_MODES)
     keep_history: bool = _f(False, "RM: keep the history across epochs (seed resets it)")
     stop_after_steps: int = _f(0, "save latest and exit after this many steps in total (a scheduled preemption)")
+    progress: bool = _f(True, "progress bar on a terminal (off a terminal only the log lines are printed)", type="bool")
     # accepted for the seed's launcher, ignored: torchrun sets the environment instead
     local_rank: int = _f(-1, argparse.SUPPRESS)
     ddp: Optional[str] = _f(None, argparse.SUPPRESS)
@@ -69,6 +79,22 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.batch_size < 1 or self.epoch < 1:
             raise ConfigError("--batch_size and --epoch must be >= 1")
+        if not DEVICE_RE.fullmatch(self.device):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        for flag, value, ok, rule in (
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("aug_alpha", self.aug_alpha, self.aug_alpha > 0, "> 0"),
+            ("aug_omega", self.aug_omega, self.aug_omega >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
+            ("lr_decay", self.lr_decay, 0 < self.lr_decay <= 1, "in (0, 1]"),
+            ("warmup", self.warmup, self.warmup >= 0, ">= 0"),
+            ("print_freq", self.print_freq, self.print_freq >= 1, ">= 1"),
+            ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0"),
+            ("stop_after_steps", self.stop_after_steps, self.stop_after_steps >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ConfigError(f"--{flag} must be {rule}, got {value}")
         if self.evaluate and not self.resume:
             raise ConfigError("--evaluate needs --resume (best, latest or a checkpoint path)")
         if self.loader == "memory" and self.data == "imagenet":
@@ -105,6 +131,9 @@ def build_parser(prog: str = "rmix train") -> argparse.ArgumentParser:
         kw = {"help": meta["help"], "default": f.default}
         if f.type in ("bool", bool) and f.default is False:
             p.add_argument(flag, action="store_true", **kw)
+            continue
+        if meta.get("type") == "bool":  # on by default: --no-<flag> turns it off
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         if meta.get("nargs"):
             kw.update(nargs=meta["nargs"], type=meta["type"])

@@ -20,18 +20,15 @@ def _smooth_noise(rng, h: int, w: int) -> np.ndarray:
     return np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
 
 
-def write_cifar_like(root: Path, n_train: int = 50_000, n_val: int = 10_000, seed: int = 0) -> Path:
-    d = Path(root) / "cifar-10-batches-py"
-    if (d / "batches.meta").is_file():
-        return d
+def write_cifar_batches(d: Path, pool: np.ndarray, n_train: int, n_val: int, rng, roll: bool = False) -> Path:
+    """A ``cifar-10-batches-py`` directory (five train pickles, ``test_batch``, ``batches.meta``) of
+    images drawn from ``pool`` (M, 32, 32, 3) with random labels."""
     d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    # one pool of textures, tiled with random offsets: realistic PNG sizes without minutes of noise
-    pool = np.stack([_smooth_noise(rng, 32, 32) for _ in range(512)])
     per = n_train // 5
     for name, n in [(f"data_batch_{i}", per) for i in range(1, 6)] + [("test_batch", n_val)]:
         imgs = pool[rng.integers(0, len(pool), n)]
-        imgs = np.roll(imgs, int(rng.integers(32)), axis=2)
+        if roll:
+            imgs = np.roll(imgs, int(rng.integers(32)), axis=2)
         labels = rng.integers(0, 10, n)
         with open(d / name, "wb") as f:
             pickle.dump({b"labels": labels.tolist(), b"data": imgs.transpose(0, 3, 1, 2).reshape(n, 3072),
@@ -39,6 +36,16 @@ def write_cifar_like(root: Path, n_train: int = 50_000, n_val: int = 10_000, see
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
     return d
+
+
+def write_cifar_like(root: Path, n_train: int = 50_000, n_val: int = 10_000, seed: int = 0) -> Path:
+    d = Path(root) / "cifar-10-batches-py"
+    if (d / "batches.meta").is_file():
+        return d
+    rng = np.random.default_rng(seed)
+    # one pool of textures, tiled with random offsets: realistic PNG sizes without minutes of noise
+    pool = np.stack([_smooth_noise(rng, 32, 32) for _ in range(512)])
+    return write_cifar_batches(d, pool, n_train, n_val, rng, roll=True)
 
 
 def write_imagefolder_like(root: Path, n_train: int = 2000, n_val: int = 200, classes: int = 10,

@@ -14,26 +14,21 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from .build import ShardParams, build
-from .synthetic import write_cifar_like, write_imagefolder_like
+from shards.build import ShardParams, build
+from tools.synthetic import write_cifar_like, write_imagefolder_like
+from tools.timing import measure
 
 
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _timed(fn, repeats: int):
-    walls, cpus = [], []
-    for _ in range(repeats):
-        c0, t0 = _cpu_seconds(), time.perf_counter()
+def _timed(fn, n: int, repeats: int):
+    """(walls, cpus) of ``repeats`` runs of ``fn``; CPU time of the whole process tree (tools.timing),
+    so sharding's encode workers and FFCV's writer processes are counted while they are alive."""
+    def job():
         fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(_cpu_seconds() - c0)
-    return walls, cpus
+        return n
+    t = measure(job, repeats, warmup=False)
+    return t.walls, t.cpus
 
 
 def run(work: Path, cifar_n: int, imagenet_n: int, repeats: int, workers: int) -> list[dict]:
@@ -52,13 +47,13 @@ def run(work: Path, cifar_n: int, imagenet_n: int, repeats: int, workers: int) -
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             build(ShardParams(dataset=dataset, formats=[fmt], **extra), src, out, workers=workers, progress=False)
-        walls, cpus = _timed(job, repeats)
+        walls, cpus = _timed(job, n, repeats)
         rows.append(_row(dataset, fmt, n, walls, cpus))
         print(_fmt(rows[-1]), flush=True)
     for dataset, src, n in (("cifar10", cifar, cifar_n), ("imagenet", imnet, rows[2]["samples"])):
         def tar():
             subprocess.run(["tar", "-cf", str(work / "ref.tar"), "-C", str(src), "."], check=True)
-        walls, cpus = _timed(tar, repeats)
+        walls, cpus = _timed(tar, n, repeats)
         rows.append(_row(dataset, "tar -cf (I/O limit)", n, walls, cpus))
         print(_fmt(rows[-1]), flush=True)
     return rows

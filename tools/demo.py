@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from pipelines import BACKENDS
 from shards.build import ShardParams, build
 
-from .classify import run
-from .config import TrainConfig
+from trainers.classify import run
+from trainers.config import TrainConfig
 
 
 def main(argv=None) -> None:
@@ -23,12 +25,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("data/shards"), help="where the digits shards go")
     p.add_argument("--save-dir", default="runs", help="where logs and checkpoints go")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--loader", default="dali", choices=("dali", "memory", "ffcv", "torch"))
+    p.add_argument("--loader", default="dali", choices=tuple(BACKENDS))
     args = p.parse_args(argv)
 
     t0 = time.time()
     print("== 1/3 shards: sklearn digits -> webdataset + DALI index + FFCV", flush=True)
-    build(ShardParams(dataset="digits"), None, args.out)
+    build(ShardParams(dataset="digits"), None, args.out, progress=sys.stderr.isatty())
     print(f"== 2/3 train: small_cnn + RecursiveMix, {args.loader} loader, {args.epochs} epochs", flush=True)
     cfg = TrainConfig(
         name="demo", data="digits", data_dir=str(args.out / "digits"), save_dir=args.save_dir,
@@ -37,6 +39,8 @@ def main(argv=None) -> None:
         aug="recursive_mix", aug_alpha=0.5, aug_omega=0.5, loader=args.loader, save_model=True,
     ).validate()
     result = run(cfg)
+    if "val_acc1" not in result:
+        sys.exit(f"rmix demo: training stopped before the last epoch ({result}); see the log above")
     out_dir = Path(cfg.save_dir) / cfg.data / cfg.name
     print("== 3/3 result", flush=True)
     print(f"digits val Acc@1 {result['val_acc1']:.2f}%  Acc@5 {result['val_acc5']:.2f}%  "

@@ -7,9 +7,9 @@ import re
 import sys
 from pathlib import Path
 
-from .build import DATASETS, FORMATS, ShardParams, build
-from .errors import ShardError
-from .ffcv_writer import WRITE_MODES
+from shards.build import DATASETS, FORMATS, ShardParams, build
+from shards.errors import ShardError
+from shards.ffcv_writer import WRITE_MODES
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -44,28 +44,26 @@ def parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, help="cut shards by sample count")
     size.add_argument("--shard-bytes", type=parse_size, help="cut shards by size (default 1GB)")
-    p.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
-    p.add_argument("--max-side", type=int, help="resize ImageNet images whose longer side exceeds this")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the write-time shuffle")
+    p.add_argument("--workers", type=int, default=0, help="encoding processes (default 0: all cores)")
+    p.add_argument("--max-side", type=int, help="imagenet only: resize images whose longer side exceeds this (>= 1)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 of re-encoded images")
+    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the write-time shuffle")
     p.add_argument("--ffcv-write-mode", choices=WRITE_MODES, help="default: raw for CIFAR/digits, proportion for ImageNet")
-    p.add_argument("--ffcv-max-resolution", type=int)
-    p.add_argument("--ffcv-compress-probability", type=float, default=0.5)
+    p.add_argument("--ffcv-max-resolution", type=int, help="longer side of images in the beton (>= 1)")
+    p.add_argument("--ffcv-compress-probability", type=float, default=0.5, help="in [0, 1]")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    if args.samples_per_shard is not None and args.samples_per_shard < 1:
-        sys.exit("rmix shards: --samples-per-shard must be >= 1")
     params = ShardParams(
         dataset=args.dataset, splits=args.split, formats=args.formats,
         samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes, max_side=args.max_side,
         quality=args.quality, seed=args.seed, ffcv_write_mode=args.ffcv_write_mode,
         ffcv_max_resolution=args.ffcv_max_resolution, ffcv_compress_probability=args.ffcv_compress_probability,
     )
-    try:
+    try:  # every flag is checked by build() (ShardParams.validate), so library callers get the same checks
         manifest = build(params, args.src, args.out, workers=args.workers, progress=not args.no_progress)
     except ShardError as e:
         sys.exit(f"rmix shards: {e}")

@@ -1,4 +1,4 @@
-"""Per-batch cost of each mix: ``python -m rmix.bench`` (or ``rmix bench --mix-only``).
+"""``rmix bench mix``: the per-batch cost of each mix.
 
 Times every mix on the same batches, side by side in one run, and reports the median and spread
 (min-max) of several repeats, plus the mix's share of a batch's "budget" at a given loader rate.
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from . import CutMix, Mixup, NoMix, RecursiveMix, ResizeMix
+from rmix import CutMix, Mixup, NoMix, RecursiveMix, ResizeMix
 
 SHAPES = {
     "imagenet-f32": ((256, 3, 224, 224), torch.float32),
@@ -58,7 +58,8 @@ def bench_mixes(device: str = "cpu", repeats: int = 7, iters: int = 5, shapes=No
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     mix(images, labels)
-                    mix.record_logits(torch.zeros(shape[0], num_classes, device=dev))
+                    if mix.uses_logits:
+                        mix.record_logits(torch.zeros(shape[0], num_classes, device=dev))
                 _sync(dev)
                 times.append((time.perf_counter() - t0) / iters * 1e3)
             med = statistics.median(times)
@@ -77,7 +78,7 @@ def print_table(rows) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m rmix.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="rmix bench mix", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--iters", type=int, default=5)

@@ -1,0 +1,358 @@
+"""``rmix bench loaders`` / ``make bench``: loader throughput, every backend side by side on the same data,
+beside the libraries a user would otherwise run.
+
+Data (generated once under ``--work``): an ImageNet-like set of JPEGs cut from real photographs
+(``tools.photos``: 300-500 px, quality 90) and a CIFAR-size set of photograph crops in the real pickle
+format. Each is sharded by ``rmix shards`` (webdataset + DALI index + FFCV beton).
+
+Rows, per dataset, each the median of ``--repeats`` timed epochs after a warm-up epoch (FFCV compiles
+its pipeline then), with the min-max spread:
+
+* anchors, the way their users run them: torchvision ``ImageFolder`` + PIL in a ``DataLoader`` (ImageNet;
+  a per-sample CIFAR ``Dataset`` with torchvision transforms for CIFAR) and FFCV used directly (its own
+  ``jpg`` beton written by its ``DatasetWriter``, the ffcv-imagenet train pipeline with ``NormalizeImage``);
+* references: the decode-only limit (OpenCV/libjpeg-turbo on all cores, no augmentation);
+* ours: each backend x mix off / RecursiveMix / CutMix, exactly as the trainer drives it (logits are
+  handed back to the mix every step).
+
+Images/s and images per CPU-second of the whole process tree (``tools.timing``: DataLoader and FFCV
+workers included). Writes ``bench.json`` and ``bench.png`` and prints a table and the ratios the design
+goals are stated in, saying plainly when a difference is inside the spread of the repeats. With CUDA the
+same command measures the GPU path (DALI ``mixed`` decode, device-side mixes; timed with a device sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import BACKENDS, build_loader
+from pipelines.loader import resolve_device
+from pipelines.presets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from rmix import CutMix, RecursiveMix
+from shards.build import ShardParams, build
+from shards.manifest import load_manifest
+from shards.reader import iter_tar, split_files
+from tools.photos import write_photo_cifar, write_photo_imagefolder
+from tools.timing import Timing, compare, measure
+
+MIXES = {"off": lambda: None, "recursive_mix": lambda: RecursiveMix(0.5, seed=0), "cutmix": lambda: CutMix(1.0, seed=0)}
+ANCHOR_TV = "torchvision DataLoader"
+ANCHOR_FFCV = "FFCV direct"
+DECODE = "decode-only (cv2)"
+GOALS = {"rm_cost_dali": 0.05, "rm_cost_memory": 0.10, "memory_rm_img_s": 120_000, "ffcv_vs_direct": 0.95,
+         "torch_vs_tv": 1.0, "dali_vs_tv_cpu": 3.0, "dali_vs_ffcv_cpu": 1.3}
+
+
+# -- jobs: each returns a callable that runs one epoch and returns the number of images --------------
+def loader_epochs(loader):
+    """One epoch of one of our loaders, as the trainer drives it (logits back to the mix)."""
+    def run():
+        n = 0
+        for b in loader:
+            loader.record_logits(torch.zeros(b.images.shape[0], loader.num_classes, device=b.images.device))
+            n += b.images.shape[0]
+        return n
+    return run
+
+
+def decode_only(manifest: dict, split: str, workers: int):
+    """libjpeg-turbo / libpng decode of every image of the split, no augmentation, all cores."""
+    import cv2
+
+    ext = manifest["splits"][split]["wds"]["ext"]
+    blobs = [s[ext] for path in split_files(manifest, split, "wds") for _, s in iter_tar(path, fields=(ext,))]
+
+    def decode(b):
+        return cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) is not None
+
+    def run():
+        with ThreadPoolExecutor(workers) as pool:
+            return sum(pool.map(decode, blobs, chunksize=64))
+    return run
+
+
+def torchvision_imagefolder(src: Path, batch: int, workers: int, device):
+    """What most users run: ``ImageFolder`` + PIL + torchvision transforms in a ``DataLoader``."""
+    from torchvision import datasets, transforms as T
+
+    tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD])])
+    return _torch_epochs(datasets.ImageFolder(str(src / "train"), tf), batch, workers, device)
+
+
+class _ArrayDataset(torch.utils.data.Dataset):
+    """CIFAR the torchvision way: one PIL image per ``__getitem__`` through the transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def torchvision_cifar(cifar_dir: Path, batch: int, workers: int, device):
+    import pickle
+
+    from torchvision import transforms as T
+
+    data, labels = [], []
+    for i in range(1, 6):
+        with open(cifar_dir / f"data_batch_{i}", "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        data.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels += d[b"labels"]
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize([m / 255 for m in CIFAR_MEAN], [s / 255 for s in CIFAR_STD])])
+    return _torch_epochs(_ArrayDataset(np.concatenate(data), np.asarray(labels), tf), batch, workers, device)
+
+
+def _torch_epochs(dataset, batch: int, workers: int, device):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=device.type == "cuda")
+
+    def run():
+        n = 0
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            n += images.shape[0]
+        return n
+    return run
+
+
+def ffcv_direct(src_root: Path, beton: Path, kind: str, batch: int, workers: int, device):
+    """FFCV as its users run it: a beton written by FFCV's own writer from the source dataset, and
+    the ffcv-imagenet / ffcv-cifar train pipeline including ``NormalizeImage``."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice,
+                                 ToTensor, ToTorchImage)
+    from ffcv.writer import DatasetWriter
+
+    if kind == "imagenet":
+        mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+        if not beton.is_file():
+            from torchvision import datasets
+            DatasetWriter(str(beton), {"image": RGBImageField(write_mode="jpg", max_resolution=512, jpeg_quality=90),
+                                       "label": IntField()}, num_workers=workers).from_indexed_dataset(
+                datasets.ImageFolder(str(src_root / "train")))
+        image = [RandomResizedCropRGBImageDecoder((224, 224)), RandomHorizontalFlip()]
+    else:
+        mean, std = np.array(CIFAR_MEAN), np.array(CIFAR_STD)
+        if not beton.is_file():
+            DatasetWriter(str(beton), {"image": RGBImageField(), "label": IntField()},
+                          num_workers=workers).from_indexed_dataset(_cifar_pairs(src_root))
+        image = [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4)]
+    if device.type == "cuda":  # ffcv-imagenet's order: normalise on the GPU
+        image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(), NormalizeImage(mean, std, np.float32)]
+    else:  # on the CPU NormalizeImage is a JIT-compiled stage on the HWC array, before ToTensor (FFCV
+        # 1.0.2 never finishes building a pipeline that goes JIT -> torch -> JIT again)
+        image += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+    label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+    loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
+                    drop_last=True, pipelines={"image": image, "label": label})
+
+    def run():
+        n = 0
+        for images, labels in loader:
+            n += images.shape[0]
+        return n
+    return run
+
+
+class _cifar_pairs:
+    """The CIFAR train pickles as FFCV's indexable ``(PIL image, label)`` dataset."""
+
+    def __init__(self, cifar_dir: Path):
+        import pickle
+
+        data, self.labels = [], []
+        for i in range(1, 6):
+            with open(cifar_dir / f"data_batch_{i}", "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            data.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            self.labels += d[b"labels"]
+        self.data = np.concatenate(data)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.data[i], self.labels[i]
+
+
+# -- the run -------------------------------------------------------------------------------------------
+def prepare(work: Path, imagenet_n: int, cifar_n: int, workers: int) -> dict:
+    """Photograph sets in their real layouts, and our shards of them (reused when already there)."""
+    print(f"rmix bench loaders: preparing data under {work} (reused on the next run with --work)", flush=True)
+    imnet_src = write_photo_imagefolder(work / "imagenet-src", n_train=imagenet_n, n_val=16)
+    cifar_src = write_photo_cifar(work / "cifar-src", n_train=cifar_n, n_val=1000)
+    out = work / "shards"
+    build(ShardParams(dataset="imagenet", samples_per_shard=256, ffcv_write_mode="jpg", ffcv_max_resolution=512),
+          imnet_src, out, workers=workers, progress=False)
+    build(ShardParams(dataset="cifar10", samples_per_shard=8192), cifar_src, out, workers=workers, progress=False)
+    return {"imagenet": (imnet_src, load_manifest(out / "imagenet")), "cifar": (cifar_src, load_manifest(out / "cifar10"))}
+
+
+def run(args, device, workers: int) -> list:
+    data = prepare(args.work, args.imagenet_n, args.cifar_n, workers)
+    rows = []
+
+    def record(dataset, backend, mix, job, kind="ours"):
+        t = measure(job, args.repeats, device)
+        row = dict(dataset=dataset, backend=backend, mix=mix, kind=kind, images=t.items, s_median=t.wall,
+                   walls=t.walls, cpus=t.cpus, img_per_s=t.per_s, img_per_cpu_s=t.per_cpu_s, device=str(device))
+        rows.append(row)
+        print(fmt(row), flush=True)
+
+    for dataset, (src, manifest) in data.items():
+        if dataset not in args.datasets:
+            continue
+        batch = args.batch_size if dataset == "imagenet" else args.cifar_batch_size
+        record(dataset, DECODE, "-", decode_only(manifest, "train", workers), "reference")
+        if dataset == "imagenet":
+            record(dataset, ANCHOR_TV, "-", torchvision_imagefolder(src, batch, workers, device), "anchor")
+        else:
+            record(dataset, ANCHOR_TV, "-", torchvision_cifar(src, batch, workers, device), "anchor")
+        if "ffcv" in args.backends:
+            record(dataset, ANCHOR_FFCV, "-", ffcv_direct(src, args.work /
+                                                          f"ffcv-direct-{dataset}.beton", dataset, batch, workers,
+                                                          device), "anchor")
+        for backend in args.backends:
+            if dataset == "imagenet" and backend == "memory":
+                continue
+            if dataset == "cifar" and backend == "torch" and not args.cifar_torch:
+                continue  # webdataset PNG decode of 50k samples per epoch: minutes; --cifar-torch to include
+            for mix_name, make_mix in MIXES.items():
+                loader = build_loader(manifest, "train", backend=backend, batch_size=batch, train=True, device=device,
+                                      mix=make_mix(), num_workers=workers)
+                record(dataset, backend, mix_name, loader_epochs(loader))
+                del loader
+    return rows
+
+
+def fmt(r: dict) -> str:
+    lo, hi = r["images"] / max(r["walls"]), r["images"] / min(r["walls"])
+    return (f"{r['dataset']:<9}{r['backend']:<24}{r['mix']:<14}{r['img_per_s']:>10.0f} img/s "
+            f"({lo:.0f}-{hi:.0f}){r['img_per_cpu_s']:>10.0f} img/cpu-s   x{r['images']}")
+
+
+def summary(rows: list) -> list[str]:
+    """Every ratio the goals are stated in, each measured in this run."""
+    get = {(r["dataset"], r["backend"], r["mix"]): Timing(r["walls"], r["cpus"], r["images"]) for r in rows}
+    lines = []
+
+    def both(a, b, what, goal_cpu=None, goal_s=None):
+        if a in get and b in get:
+            ta, tb = get[a], get[b]
+            cpu = ta.per_cpu_s / tb.per_cpu_s
+            lines.append(f"{what}: per second {compare(ta, tb)}{f' (goal >= {goal_s}x)' if goal_s else ''}; "
+                         f"per CPU-second {cpu:.2f}x{f' (goal >= {goal_cpu}x)' if goal_cpu else ''}")
+
+    for ds in ("imagenet", "cifar"):
+        both((ds, "dali", "off"), (ds, ANCHOR_TV, "-"), f"{ds} DALI / {ANCHOR_TV}", GOALS["dali_vs_tv_cpu"])
+        both((ds, "dali", "off"), (ds, ANCHOR_FFCV, "-"), f"{ds} DALI / {ANCHOR_FFCV}", GOALS["dali_vs_ffcv_cpu"])
+        both((ds, "ffcv", "off"), (ds, ANCHOR_FFCV, "-"), f"{ds} ours ffcv / {ANCHOR_FFCV}", None, GOALS["ffcv_vs_direct"])
+        both((ds, "torch", "off"), (ds, ANCHOR_TV, "-"), f"{ds} ours torch / {ANCHOR_TV}", None, GOALS["torch_vs_tv"])
+        for be in ("dali", "memory", "ffcv"):
+            on, off = get.get((ds, be, "recursive_mix")), get.get((ds, be, "off"))
+            if on and off:
+                cost = 1 - on.per_s / off.per_s
+                goal = GOALS["rm_cost_memory"] if be == "memory" else GOALS["rm_cost_dali"]
+                lines.append(f"{ds} {be}: RecursiveMix / no mix = {compare(on, off)}; cost {100 * cost:.1f}% "
+                             f"(goal <= {100 * goal:.0f}%)")
+    if ("cifar", "memory", "recursive_mix") in get:
+        lines.append(f"CIFAR memory path with RecursiveMix: {get[('cifar', 'memory', 'recursive_mix')].per_s:,.0f} img/s "
+                     f"(goal >= {GOALS['memory_rm_img_s']:,})")
+    return lines
+
+
+def plot(rows: list, path: Path) -> None:
+    """Bars grouped by backend, the mix as colour, anchors and references grey and hatched, the value
+    on each bar; images/s on the left, images per CPU-second on the right, one row per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in ("imagenet", "cifar") if any(r["dataset"] == d for r in rows)]
+    colours = {"off": "tab:blue", "recursive_mix": "tab:orange", "cutmix": "tab:green", "-": "0.6"}
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(15, 5 * len(datasets)), squeeze=False)
+    for row_axes, ds in zip(axes, datasets):
+        sel = [r for r in rows if r["dataset"] == ds]
+        groups = list(dict.fromkeys(r["backend"] for r in sel))
+        for ax, key, label in zip(row_axes, ("img_per_s", "img_per_cpu_s"), ("images / s", "images / CPU-second")):
+            ticks = []
+            x = 0.0
+            for g in groups:
+                members = [r for r in sel if r["backend"] == g]
+                start = x
+                for r in members:
+                    anchor = r["kind"] != "ours"
+                    bar = ax.bar(x, r[key], width=0.8, color=colours[r["mix"]], hatch="//" if anchor else None,
+                                 edgecolor="black" if anchor else None,
+                                 label=r["mix"] if not anchor else r["kind"])
+                    ax.bar_label(bar, [f"{r[key]:,.0f}"], fontsize=7, rotation=90, padding=2)
+                    x += 1
+                ticks.append(((start + x - 1) / 2, g))
+                x += 0.8
+            ax.set_xticks([t for t, _ in ticks], [g for _, g in ticks], fontsize=8, rotation=15)
+            ax.set_ylabel(label)
+            ax.set_ylim(0, max(r[key] for r in sel) * 1.25)
+            ax.set_title(f"{ds}-like ({sel[0]['device']}): {label}")
+            handles, labels = ax.get_legend_handles_labels()
+            uniq = dict(zip(labels, handles))
+            ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="rmix bench loaders", description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, help="scratch directory for data and shards (kept, so reruns reuse them)")
+    p.add_argument("--imagenet-n", type=int, default=1024)
+    p.add_argument("--cifar-n", type=int, default=50_000)
+    p.add_argument("--batch-size", type=int, default=64, help="ImageNet-like batch")
+    p.add_argument("--cifar-batch-size", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=0, help="decode threads/processes (default: cores)")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    p.add_argument("--datasets", nargs="+", default=["imagenet", "cifar"], choices=["imagenet", "cifar"])
+    p.add_argument("--cifar-torch", action="store_true", help="also time the torch backend on CIFAR (slow)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.png")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.imagenet_n < args.batch_size or args.cifar_n < 5 * args.cifar_batch_size:
+        p.error("--repeats must be >= 1 and each set must hold several batches")
+    device = resolve_device(args.device)
+    workers = args.workers or os.cpu_count() or 1
+    print(f"rmix bench loaders: device={device} cores={os.cpu_count()} workers={workers} "
+          f"batch={args.batch_size}/{args.cifar_batch_size} repeats={args.repeats} torch-threads={torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        args.work = args.work or Path(tmp)
+        rows = run(args, device, workers)
+    lines = summary(rows)
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps({"rows": rows, "summary": lines}, indent=1))
+    plot(rows, args.out / "bench.png")
+    print(f"rmix bench loaders: wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""``rmix bench train``: does the loader keep the trainer fed?
+
+Trains the demo model (small_cnn, RecursiveMix) on the digits shards with the trainer's own
+``train_one_epoch``, side by side in each repeat: once fed by the real loader (decode, augment,
+normalise and mix inside it), once fed by pre-made batches in memory on the device that went through
+the same loader pipeline (normalised, augmented) and are mixed per step by the same RecursiveMix, so
+only the loading differs. Reports images/s of both, their ratio (goal >= 0.95: the loader hides behind
+compute), the median and spread over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from pipelines import BACKENDS, build_loader
+from rmix import RecursiveMix
+from shards.build import ShardParams, build
+from tools.timing import Timing, compare, measure
+from trainers.classify import RunState, train_one_epoch
+from trainers.config import TrainConfig
+from trainers.models import small_cnn
+
+
+class PremadeBatches:
+    """Batches captured from a loader without a mix, replayed from memory and mixed per step.
+
+    Each step mixes a fresh copy (the loader, too, hands the mix a fresh tensor), with the mix
+    borrowing it as inside the loader.
+    """
+
+    def __init__(self, batches: list, mix: RecursiveMix):
+        self.batches, self.mix, self.position = batches, mix, 0
+        mix.borrow_batches()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        self.position = 0
+        self.mix.set_epoch(0)
+        for images, labels in self.batches:
+            self.position += 1
+            b = self.mix(images.clone(), labels)
+            b.labels = labels
+            yield b
+
+    def record_logits(self, logits: torch.Tensor) -> None:
+        self.mix.record_logits(logits)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="rmix bench train", description=__doc__.splitlines()[0])
+    p.add_argument("--shards", type=Path, default=Path("data/shards"), help="where the digits shards are (made if missing)")
+    p.add_argument("--loader", default="dali", choices=tuple(BACKENDS))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    build(ShardParams(dataset="digits"), None, args.shards, progress=False)
+    root = args.shards / "digits"
+    cfg = TrainConfig(data="digits", data_dir=str(root), model_file="small", model_name="small_cnn", epoch=1,
+                      batch_size=args.batch_size, lr=0.05, aug="recursive_mix", aug_omega=0.5, print_freq=10**9,
+                      progress=False).validate()
+    device = torch.device("cpu")
+
+    def trainer(loader):
+        torch.manual_seed(0)
+        model = small_cnn(10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        state = RunState()
+
+        def job() -> int:
+            for _ in range(args.epochs):
+                train_one_epoch(model, loader, opt, scaler, cfg, 1, state, device=device, log=lambda m: None)
+            return args.epochs * len(loader) * args.batch_size
+        return job
+
+    loader = build_loader(root, "train", backend=args.loader, batch_size=args.batch_size, train=True,
+                          mix=RecursiveMix(0.5, seed=0), num_workers=args.workers)
+    plain = build_loader(root, "train", backend=args.loader, batch_size=args.batch_size, train=True,
+                         num_workers=args.workers)
+    made = [(b.images.clone(), b.labels.clone()) for b in plain]  # normalised and augmented, unmixed
+    premade = PremadeBatches(made, RecursiveMix(0.5, seed=0, num_classes=10))
+    fed = {"loader": [], "in-memory": []}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        fed["loader"].append(measure(trainer(loader), 1, device))
+        fed["in-memory"].append(measure(trainer(premade), 1, device))
+    merged = {k: Timing([t.walls[0] for t in v], [t.cpus[0] for t in v], v[0].items) for k, v in fed.items()}
+    for k, t in merged.items():
+        lo, hi = t.spread
+        print(f"{k:<10} {t.per_s:8.0f} img/s  (min {lo:.0f}, max {hi:.0f})  {t.per_cpu_s:8.0f} img/cpu-s")
+    ratios = [a.per_s / b.per_s for a, b in zip(fed["loader"], fed["in-memory"])]
+    print(f"loader / in-memory: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}; "
+          f"goal >= 0.95) = {compare(merged['loader'], merged['in-memory'])}"
+          f"  [{args.loader} loader, small_cnn, batch {args.batch_size}, {torch.get_num_threads()} threads]")
+
+
+if __name__ == "__main__":
+    main()
