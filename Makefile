@@ -37,7 +37,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory apt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip wheel setuptools
+	# setuptools<81 keeps pkg_resources, which mmengine (setup-mm) needs at run time
+	$(PIP) install -q --upgrade pip wheel "setuptools<81"
 	# torch first: ffcv and DALI's torch plugin import it at build/run time.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	# ffcv's setup.py imports numpy/cv2 and compiles against libturbojpeg: no build isolation.
@@ -46,7 +47,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dali,ffcv,dev]'
 	@touch $(STAMP)
 
-test: setup
+test: setup setup-mm
 	$(PY) -m pytest -q
 
 demo: setup
@@ -60,3 +61,35 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) data/ .pytest_cache
+
+# -- detection / segmentation: the OpenMMLab stack on top of `setup` (needed by `test` and the mm-*
+# targets, not by `demo`). mmcv 2.1.0 is built from source with its CPU ops the first time (about 20 min
+# on 2 cores) and cached as a wheel under ~/.cache/rmix/mmcv/ keyed by mmcv/torch/python; later installs
+# take seconds. scripts/build_mmcv.sh says what it does while it builds.
+MM_STAMP  := $(VENV)/.setup-mm-stamp
+MM_CONFIG ?= atss_r50_fpn_1x_coco
+BACKBONE  ?= checkpoints/r50_rm.pth
+MM_ARGS   ?=
+MM_CKPT   ?=
+
+.PHONY: setup-mm mm-export mm-train mm-test
+
+setup-mm: $(MM_STAMP)
+
+$(MM_STAMP): $(STAMP) scripts/build_mmcv.sh
+	@wheel=$$(bash scripts/build_mmcv.sh $(PY)) && \
+	  echo "setup-mm: installing $$wheel, mmengine, mmdet, mmsegmentation" && \
+	  $(PIP) install -q "setuptools<81" "$$wheel" -e '.[mm]'
+	@touch $(MM_STAMP)
+
+# make mm-export CKPT=logs/imagenet/rm/best.pth BACKBONE=checkpoints/r50_rm.pth
+mm-export: setup
+	$(VENV)/bin/rmix export-backbone $(CKPT) $(BACKBONE)
+
+# make mm-train MM_CONFIG=upernet_r50_8xb2-80k_ade20k-512x512 BACKBONE=checkpoints/r50_rm.pth MM_ARGS='--data-root ...'
+mm-train: setup-mm
+	$(VENV)/bin/rmix mm train $(MM_CONFIG) --backbone $(BACKBONE) $(MM_ARGS)
+
+# make mm-test MM_CONFIG=atss_r50_fpn_1x_coco MM_CKPT=work_dirs/atss_r50_fpn_1x_coco/epoch_12.pth
+mm-test: setup-mm
+	$(VENV)/bin/rmix mm test $(MM_CONFIG) $(MM_CKPT) $(MM_ARGS)

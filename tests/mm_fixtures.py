@@ -1,0 +1,94 @@
+"""Tiny COCO and ADE20K datasets in exactly the real on-disk layouts, for the mmdet / mmseg tests.
+
+COCO (what mmdet's ``CocoDataset`` and ``CocoMetric`` read)::
+
+    ROOT/annotations/instances_train2017.json   # with an "info" key: pycocotools' loadRes copies it
+    ROOT/annotations/instances_val2017.json
+    ROOT/train2017/000000000001.jpg ...
+    ROOT/val2017/...
+
+ADE20K (what mmseg's ``ADE20KDataset`` reads; labels 0 = "other", 1..150 the classes)::
+
+    ROOT/ADEChallengeData2016/images/{training,validation}/ADE_train_00000001.jpg ...
+    ROOT/ADEChallengeData2016/annotations/{training,validation}/ADE_train_00000001.png ...
+
+Objects are flat-coloured rectangles whose colour encodes the class, on a noisy background, so a model
+could in principle learn them; the tests only need the formats and a few iterations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# The first COCO categories, by their real ids and names (mmdet selects categories by name).
+COCO_CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
+                   {"id": 2, "name": "bicycle", "supercategory": "vehicle"},
+                   {"id": 3, "name": "car", "supercategory": "vehicle"}]
+
+
+def _background(rng, h, w) -> np.ndarray:
+    return rng.integers(90, 140, size=(h, w, 3), dtype=np.uint8)
+
+
+def _colour(label: int) -> np.ndarray:
+    return np.array([label * 97 % 256, label * 53 % 256, 255 - label * 31 % 256], dtype=np.uint8)
+
+
+def write_coco(root: Path, train: int = 4, val: int = 2, size=(320, 320), seed: int = 0) -> Path:
+    """COCO 2017 layout with ``train`` / ``val`` images of ``size`` (h, w), 1-3 boxes each (>= 40 px)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    image_id, ann_id = 0, 0
+    for split, n in (("train2017", train), ("val2017", val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for _ in range(n):
+            image_id += 1
+            h, w = size
+            img = _background(rng, h, w)
+            for _ in range(int(rng.integers(1, 4))):
+                cat = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
+                bw, bh = int(rng.integers(40, w // 2)), int(rng.integers(40, h // 2))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                img[y:y + bh, x:x + bw] = _colour(cat["id"])
+                ann_id += 1
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat["id"],
+                                    "bbox": [x, y, bw, bh], "area": float(bw * bh), "iscrowd": 0,
+                                    "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
+            name = f"{image_id:012d}.jpg"
+            Image.fromarray(img).save(root / split / name, quality=95)
+            images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        doc = {"info": {"description": "rmix tiny COCO", "version": "1.0", "year": 2017},
+               "licenses": [], "images": images, "annotations": annotations, "categories": COCO_CATEGORIES}
+        kind = split.replace("2017", "")
+        (root / "annotations" / f"instances_{kind}2017.json").write_text(json.dumps(doc))
+    return root
+
+
+def write_ade20k(root: Path, train: int = 4, val: int = 2, size=(256, 320), seed: int = 0) -> Path:
+    """``root/ADEChallengeData2016`` with ``.jpg`` / ``.png`` pairs; label maps use 0..150. Returns the
+    dataset root (the folder mmseg's ``data_root`` names)."""
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "ADEChallengeData2016"
+    for split, prefix, n in (("training", "ADE_train", train), ("validation", "ADE_val", val)):
+        (base / "images" / split).mkdir(parents=True, exist_ok=True)
+        (base / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(1, n + 1):
+            h, w = size
+            img = _background(rng, h, w)
+            label = np.zeros((h, w), dtype=np.uint8)  # 0: "other", ignored after reduce_zero_label
+            for _ in range(int(rng.integers(2, 5))):
+                cls = int(rng.integers(1, 151))
+                bw, bh = int(rng.integers(32, w // 2)), int(rng.integers(32, h // 2))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                img[y:y + bh, x:x + bw] = _colour(cls)
+                label[y:y + bh, x:x + bw] = cls
+            name = f"{prefix}_{i:08d}"
+            Image.fromarray(img).save(base / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(label).save(base / "annotations" / split / f"{name}.png")
+    return base

@@ -1,0 +1,345 @@
+"""Train and test mmdet / mmseg configs with our backbone: what ``rmix mm train|test`` runs.
+
+    rmix mm train CONFIG --backbone r50_rm.pth [--work-dir DIR] [--resume [CKPT]] [--data-root DIR]
+                  [--cfg-options key=value ...]
+    torchrun --nproc_per_node=8 -m tools.mm train CONFIG --backbone r50_rm.pth ...
+    rmix mm test CONFIG CKPT [--work-dir DIR] [--data-root DIR] [--cfg-options ...]
+
+A thin layer over mmengine's ``Runner``, as mmdet's / mmseg's ``tools/train.py`` and ``tools/test.py``
+are, with the checks those scripts leave to a traceback done up front, each failing with one line
+(:class:`MMError`): a config that does not exist or does not parse, a data root or annotation file that
+is missing, a backbone file that is not an export of an ImageNet ResNet-50, a backbone type that cannot
+hold it (``ResNetV1c``), a test checkpoint that is a backbone export rather than a trained model.
+
+The launcher is ``pytorch`` under ``torchrun`` (``LOCAL_RANK`` set) and ``none`` otherwise. Without CUDA
+the process group uses gloo and SyncBN becomes BN (mmengine only reverts it outside DDP). All checkpoint
+loading runs inside :func:`trainers.mm.loading.mmengine_checkpoints` (``weights_only=True`` with an
+allowlist) so ``--resume`` and ``test`` work on torch >= 2.6 without changing ``torch.load`` for the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import os.path as osp
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEEP_STEM = ("ResNetV1c", "ResNetV1d")
+PKG_RESOURCES_WARNING = "pkg_resources is deprecated"  # setuptools 80, on every (re)import; mmengine needs it
+
+
+class MMError(ValueError):
+    """A bad config, data root or checkpoint; its message is the one line the user sees."""
+
+
+@dataclass
+class MMArgs:
+    """One ``rmix mm`` invocation (the parsed command line)."""
+
+    config: str
+    checkpoint: Optional[str] = None          # test: the trained detector / segmentor
+    backbone: Optional[str] = None            # train: our export, replaces model.backbone.init_cfg.checkpoint
+    work_dir: Optional[str] = None
+    resume: Optional[str] = None              # "auto" (latest in work_dir) or a checkpoint path
+    data_root: Optional[str] = None
+    cfg_options: dict = field(default_factory=dict)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def require_stack() -> None:
+    """Import the OpenMMLab stack, or one line that says how to install it."""
+    with warnings.catch_warnings():  # setuptools 80 warns on import that pkg_resources is deprecated
+        warnings.filterwarnings("ignore", message=PKG_RESOURCES_WARNING)
+        try:
+            import pkg_resources  # noqa: F401  (mmengine resolves mmdet:: / mmseg:: bases with it)
+        except ImportError:
+            raise MMError("mmengine needs pkg_resources to resolve mmdet::/mmseg:: config bases: "
+                          "pip install 'setuptools<81' (or run `make setup-mm`)") from None
+        try:
+            import mmcv  # noqa: F401
+            import mmengine  # noqa: F401
+            from mmcv.ops import nms  # noqa: F401  (the compiled ops: ATSS's NMS)
+        except ImportError as e:
+            raise MMError(f"the OpenMMLab stack is not installed ({first_line(e)}): run `make setup-mm` "
+                          "(the first time builds mmcv from source, about 20 min on 2 cores)") from None
+
+
+def resolve_config(name: str) -> Path:
+    """A path, or the name of one of our configs (``atss_r50_fpn_1x_coco``, with or without ``.py``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    ours = CONFIG_DIR / (name if name.endswith(".py") else name + ".py")
+    if ours.is_file() and path.parent == Path("."):
+        return ours
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
+    raise MMError(f"no config {name} (a path, or one of ours: {known})")
+
+
+def load_config(args: MMArgs):
+    from mmengine.config import Config
+
+    path = resolve_config(args.config)
+    try:
+        with warnings.catch_warnings():  # mmengine reloads pkg_resources for every mmdet::/mmseg:: base
+            warnings.filterwarnings("ignore", message=PKG_RESOURCES_WARNING)
+            cfg = Config.fromfile(str(path))
+    except Exception as e:  # mmengine raises whatever the config's code or a missing base raises
+        raise MMError(f"cannot read config {path}: {first_line(e)}") from None
+    if args.cfg_options:
+        try:
+            cfg.merge_from_dict(args.cfg_options)
+        except Exception as e:
+            raise MMError(f"--cfg-options do not apply to {path}: {first_line(e)}") from None
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("work_dirs", path.stem)
+    if args.data_root:
+        set_data_root(cfg, args.data_root)
+    return cfg
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def _datasets(cfg, loaders):
+    for name in loaders:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        ds = loader.get("dataset")
+        while ds is not None and "dataset" in ds and "data_root" not in ds:  # RepeatDataset, ClassBalanced...
+            ds = ds["dataset"]
+        if ds is not None:
+            yield name, ds
+
+
+def set_data_root(cfg, root: str) -> None:
+    """Point every dataloader, and the COCO evaluator's ``ann_file``, at ``root``."""
+    root = root.rstrip("/") + "/"
+    old_roots = set()
+    for _, ds in _datasets(cfg, ("train_dataloader", "val_dataloader", "test_dataloader")):
+        if ds.get("data_root"):
+            old_roots.add(ds["data_root"].rstrip("/"))
+        ds["data_root"] = root
+    for name in ("val_evaluator", "test_evaluator"):
+        evaluators = cfg.get(name)
+        for ev in evaluators if isinstance(evaluators, list) else [evaluators] if evaluators else []:
+            ann = ev.get("ann_file")
+            if ann:
+                for old in old_roots:
+                    if ann.startswith(old):
+                        ev["ann_file"] = osp.join(root, ann[len(old):].lstrip("/"))
+                        break
+
+
+def check_data(cfg, loaders) -> None:
+    """Every dataset's ``data_root``, annotation file and image/label folders exist, or one line."""
+    for name, ds in _datasets(cfg, loaders):
+        root = ds.get("data_root") or ""
+        if root and not osp.isdir(root):
+            raise MMError(f"{name}: data root {root} does not exist (pass --data-root DIR; the layout is in "
+                          "the README's 'Detection and segmentation' section)")
+        ann = ds.get("ann_file")
+        if ann and not osp.isfile(osp.join(root, ann)):
+            raise MMError(f"{name}: no annotation file {osp.join(root, ann)}")
+        for key, sub in (ds.get("data_prefix") or {}).items():
+            if sub and not osp.isdir(osp.join(root, sub)):
+                raise MMError(f"{name}: no {key} folder {osp.join(root, sub)}")
+    for name in ("val_evaluator", "test_evaluator"):
+        if name.split("_")[0] + "_dataloader" not in loaders:
+            continue
+        evaluators = cfg.get(name)
+        for ev in evaluators if isinstance(evaluators, list) else [evaluators] if evaluators else []:
+            if ev.get("ann_file") and not osp.isfile(ev["ann_file"]):
+                raise MMError(f"{name}: no annotation file {ev['ann_file']}")
+
+
+# -- backbone --------------------------------------------------------------------------------------
+
+def set_backbone(cfg, path: str) -> None:
+    """Load ``model.backbone`` from our export ``path`` (mmpretrain layout, ``prefix='backbone.'``), or
+    from a model-zoo URL such as ``torchvision://resnet50`` (no prefix: those hold the bare backbone)."""
+    init = dict(type="Pretrained", checkpoint=str(path))
+    if "://" not in str(path):
+        init["prefix"] = "backbone."
+    cfg.model.backbone.init_cfg = init
+    if cfg.model.get("pretrained"):
+        cfg.model.pretrained = None  # mmseg refuses a model-level `pretrained` beside the backbone's init_cfg
+
+
+def check_backbone(cfg) -> None:
+    """The backbone can hold a torchvision-layout ResNet-50, and its checkpoint is one of our exports."""
+    from .export import ExportError, load_export
+
+    bb = cfg.model.get("backbone") or {}
+    kind = bb.get("type")
+    if kind in DEEP_STEM:
+        raise MMError(f"model.backbone.type={kind} has a 3-conv deep stem that a torchvision-layout ResNet-50 "
+                      "cannot fill (the stem would train from random weights): use type='ResNet'")
+    if kind != "ResNet" or bb.get("depth") != 50:
+        raise MMError(f"model.backbone is {kind} depth {bb.get('depth')}; our export is a ResNet-50: "
+                      "use type='ResNet', depth=50")
+    init = bb.get("init_cfg") or {}
+    ckpt = init.get("checkpoint") if isinstance(init, dict) and init.get("type") == "Pretrained" else None
+    if not ckpt:
+        raise MMError("model.backbone has no Pretrained init_cfg: pass --backbone EXPORT.pth "
+                      "(made by `rmix export-backbone`)")
+    if "://" in ckpt:
+        return  # torchvision:// or a URL: mmengine fetches it; nothing local to check
+    try:
+        load_export(ckpt)
+    except ExportError as e:
+        raise MMError(f"--backbone: {e}") from None
+    if init.get("prefix") != "backbone.":
+        raise MMError(f"model.backbone.init_cfg.prefix is {init.get('prefix')!r}; our export needs 'backbone.'")
+
+
+def check_model_checkpoint(path: str) -> None:
+    """A trained detector / segmentor checkpoint (mmengine's), not our backbone export."""
+    from .loading import load_from_local_weights_only
+
+    if not osp.isfile(path):
+        raise MMError(f"no checkpoint at {path}")
+    try:
+        ckpt = load_from_local_weights_only(path, map_location="cpu")
+    except Exception as e:
+        raise MMError(f"{path} is not a readable mmengine checkpoint: {first_line(e)}") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise MMError(f"{path} is not an mmengine checkpoint (no state_dict)")
+    if "model" in ckpt and "state_dict" not in ckpt:
+        raise MMError(f"{path} is a classification checkpoint of `rmix train`, not a trained detector/segmentor")
+    heads = {k.split(".")[0] for k in state}
+    if heads <= {"backbone", "head"}:
+        raise MMError(f"{path} is a backbone export (only backbone/head weights): pass it to "
+                      "`rmix mm train --backbone`; `rmix mm test` needs the work_dir's trained checkpoint")
+
+
+# -- device / launcher -----------------------------------------------------------------------------
+
+def launcher_for_env() -> str:
+    return "pytorch" if "LOCAL_RANK" in os.environ else "none"
+
+
+def adapt_to_device(cfg, cuda: bool) -> None:
+    """Without CUDA: BN instead of SyncBN (which has no CPU kernel) and, under torchrun, DDP over gloo.
+
+    mmengine 0.10.7 cannot start a CPU process group itself: its ``init_dist('pytorch')`` calls
+    ``torch.cuda.set_device`` unconditionally, and its DDP wrapper passes ``device_ids=[LOCAL_RANK]``. So we
+    initialise gloo first (mmengine then skips ``init_dist``) and give the wrapper ``device_ids=None``.
+    """
+    if cuda:
+        return
+    cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+    if cfg.get("launcher") == "pytorch":
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        if not cfg.get("model_wrapper_cfg"):
+            cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                         find_unused_parameters=cfg.get("find_unused_parameters", False))
+
+    def swap(node):
+        if isinstance(node, dict):
+            if node.get("type") == "SyncBN":
+                node["type"] = "BN"
+            for v in node.values():
+                swap(v)
+        elif isinstance(node, list):
+            for v in node:
+                swap(v)
+
+    swap(cfg.model)
+
+
+def _number(value):
+    """mmseg's metrics are numpy float32: JSON wants Python floats."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def val_metrics(runner) -> dict:
+    """The last validation metrics the run logged (``coco/bbox_mAP``, ``mIoU``, ...)."""
+    out = {}
+    for key, buf in runner.message_hub.log_scalars.items():
+        if key.startswith("val/") and key not in ("val/time", "val/data_time"):
+            out[key[len("val/"):]] = float(buf.current())
+    return out
+
+
+def _build_runner(cfg, path: str):
+    from mmengine.runner import Runner
+
+    try:
+        if "runner_type" in cfg:
+            from mmengine.registry import RUNNERS
+            return RUNNERS.build(cfg)
+        return Runner.from_cfg(cfg)
+    except (KeyError, TypeError, AssertionError, FileNotFoundError, ImportError) as e:
+        raise MMError(f"cannot build the run from {path}: {first_line(e)}") from None
+
+
+def train(args: MMArgs) -> dict:
+    """Train ``args.config``; return the last validation metrics (also written to work_dir/metrics.json)."""
+    import torch
+
+    from .hooks import BackboneMismatch
+    from .loading import mmengine_checkpoints
+
+    require_stack()
+    cfg = load_config(args)
+    if args.backbone:
+        set_backbone(cfg, args.backbone)
+    if args.resume:
+        cfg.resume = True
+        cfg.load_from = None if args.resume == "auto" else args.resume
+        if cfg.load_from and not osp.isfile(cfg.load_from):
+            raise MMError(f"--resume: no checkpoint at {cfg.load_from}")
+    check_backbone(cfg)  # also on resume: mmengine initialises the weights before it loads the checkpoint
+    check_data(cfg, ("train_dataloader", "val_dataloader") if cfg.get("val_cfg") else ("train_dataloader",))
+    cfg.launcher = launcher_for_env()
+    adapt_to_device(cfg, torch.cuda.is_available())
+    with mmengine_checkpoints():
+        runner = _build_runner(cfg, args.config)
+        try:
+            runner.train()
+        except BackboneMismatch as e:
+            raise MMError(str(e)) from None
+    metrics = val_metrics(runner)
+    if runner.rank == 0:
+        Path(runner.work_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"rmix mm train: final val {json.dumps(metrics)}", flush=True)
+    return metrics
+
+
+def test(args: MMArgs) -> dict:
+    """Evaluate ``args.checkpoint`` with ``args.config``'s test split; return the metrics."""
+    import torch
+
+    from .loading import mmengine_checkpoints
+
+    require_stack()
+    if not args.checkpoint:
+        raise MMError("rmix mm test needs CONFIG and CHECKPOINT (a work_dir's epoch_N.pth / iter_N.pth)")
+    cfg = load_config(args)
+    check_model_checkpoint(args.checkpoint)
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    check_data(cfg, ("test_dataloader",))
+    cfg.launcher = launcher_for_env()
+    adapt_to_device(cfg, torch.cuda.is_available())
+    with mmengine_checkpoints():
+        runner = _build_runner(cfg, args.config)
+        metrics = {k: _number(v) for k, v in runner.test().items()}
+    if runner.rank == 0:
+        print(f"rmix mm test: {json.dumps(metrics)}", flush=True)
+    return metrics
