@@ -26,7 +26,7 @@ def test_help_lists_every_subcommand():
         assert f"  {name} " in r.stdout
     b = run("bench", "--help")
     assert b.returncode == 0
-    for name in ("loaders", "mix", "shards", "train"):
+    for name in ("loaders", "mix", "shards", "train", "dense"):
         assert f"  {name} " in b.stdout
 
 
@@ -38,7 +38,7 @@ def test_unknown_command_is_one_clear_line():
     b = run("bench", "--mix-only")
     assert b.returncode != 0
     assert b.stderr.strip().splitlines() == [
-        "rmix bench: unknown benchmark '--mix-only'; choose one of: loaders, mix, shards, train"]
+        "rmix bench: unknown benchmark '--mix-only'; choose one of: loaders, mix, shards, train, dense"]
 
 
 def test_bench_mix_runs_the_mix_benchmark(capsys):

@@ -8,6 +8,7 @@
     rmix bench mix        per-batch cost of each mix                                (rmix/)
     rmix bench shards     sharding throughput beside tar -cf                        (shards/)
     rmix bench train      the trainer fed by the loader vs by pre-made batches      (trainers/)
+    rmix bench dense      DALI detection/segmentation loaders vs mmdet/mmseg's       (pipelines/)
     rmix export-backbone  trainer checkpoint -> mmpretrain-layout ResNet-50         (trainers/mm)
     rmix mm train|test    mmdet / mmseg runs with our backbone                      (trainers/mm)
 
@@ -23,7 +24,7 @@ COMMANDS = {
     "verify": "re-read every shard against its manifest",
     "train": "train a classifier (the seed's flags)",
     "demo": "shard the embedded digits and train with RecursiveMix",
-    "bench": "benchmarks: loaders | mix | shards | train",
+    "bench": "benchmarks: loaders | mix | shards | train | dense",
     "export-backbone": "export a trainer checkpoint's ResNet-50 for mmdet/mmseg",
     "mm": "mmdet/mmseg: train | test a config with our backbone",
 }
@@ -32,6 +33,7 @@ BENCHES = {
     "mix": "per-batch cost of each mix",
     "shards": "sharding throughput beside tar -cf",
     "train": "the trainer fed by the loader vs by pre-made batches",
+    "dense": "detection / segmentation: our DALI loaders vs mmdet's / mmseg's own, RM off and on",
 }
 
 
@@ -43,7 +45,7 @@ def _usage(commands: dict, head: str) -> str:
 
 def bench(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(BENCHES, "usage: rmix bench {loaders,mix,shards,train} [options]"))
+        print(_usage(BENCHES, "usage: rmix bench {loaders,mix,shards,train,dense} [options]"))
         return
     name, rest = argv[0], argv[1:]
     if name == "loaders":
@@ -58,6 +60,9 @@ def bench(argv: list[str]) -> None:
     elif name == "train":
         from tools.bench import train
         train.main(rest)
+    elif name == "dense":
+        from tools.bench import dense
+        dense.main(rest)
     else:
         sys.exit(f"rmix bench: unknown benchmark {name!r}; choose one of: {', '.join(BENCHES)}")
 

@@ -49,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("config", help="config path, or one of ours: atss_r50_fpn_1x_coco, "
                                        "upernet_r50_8xb2-80k_ade20k-512x512")
+    common.add_argument("--loader", choices=["stock", "dali"], default="stock",
+                        help="dali: our DALI loaders (pipelines/dali_det.py, dali_seg.py) instead of mmengine's DataLoader")
     common.add_argument("--work-dir", help="logs and checkpoints (default work_dirs/<config name>)")
     common.add_argument("--data-root", help="dataset root, e.g. data/coco or data/ade/ADEChallengeData2016")
     common.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
                         help="override config entries, as mmdet/mmseg's tools (e.g. train_dataloader.batch_size=4)")
     t = sub.add_parser("train", parents=[common], help="train a config (one process, or under torchrun)")
+    t.add_argument("--rm-alpha", type=float, help="with --loader dali: dense RecursiveMix (alpha) inside the train loader")
     t.add_argument("--backbone", help="our export (rmix export-backbone) to initialise model.backbone from")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume: the latest checkpoint in the work dir, or the given one")
@@ -77,7 +80,8 @@ def main(argv=None) -> None:
         run = MMArgs(config=args.config, work_dir=args.work_dir, data_root=args.data_root,
                      cfg_options=_parse_cfg_options(args.cfg_options),
                      backbone=getattr(args, "backbone", None), resume=getattr(args, "resume", None),
-                     checkpoint=getattr(args, "checkpoint", None))
+                     checkpoint=getattr(args, "checkpoint", None), loader=args.loader,
+                     rm_alpha=getattr(args, "rm_alpha", None))
         train(run) if args.cmd == "train" else test(run)
     except MMError as e:
         sys.exit(f"rmix mm {args.cmd}: {e}")

@@ -9,7 +9,9 @@ OpenMMLab configs. This package is that path, downstream of ``trainers.classify`
     loading.py   mmengine's torch.load under torch >= 2.6, scoped to our calls (weights_only + allowlist)
     hooks.py     PretrainedBackboneCheck: the run fails unless the backbone equals the checkpoint at iter 0
     launch.py    ``rmix mm train|test``: config, data and checkpoint checks, launcher, mmengine Runner
-    configs/     ATSS and UPerNet configs inheriting mmdet:: / mmseg:: bases
+    dense_mix.py RecursiveMix for boxes and masks inside mmdet (batch_augments) / mmseg (data preprocessor)
+    dali_loop.py our DALI detection / segmentation loaders in place of mmengine's DataLoader
+    configs/     ATSS and UPerNet configs inheriting mmdet:: / mmseg:: bases (``*_densrm``: dense RM on)
 
 ``export`` needs only torch; the rest needs the OpenMMLab stack (``make setup-mm``).
 """

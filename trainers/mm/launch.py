@@ -47,6 +47,8 @@ class MMArgs:
     resume: Optional[str] = None              # "auto" (latest in work_dir) or a checkpoint path
     data_root: Optional[str] = None
     cfg_options: dict = field(default_factory=dict)
+    loader: str = "stock"                     # "dali": our DALI loaders (trainers/mm/dali_loop.py)
+    rm_alpha: Optional[float] = None          # with loader="dali": dense RecursiveMix in the train loader
 
 
 def first_line(e: BaseException) -> str:
@@ -296,6 +298,9 @@ def train(args: MMArgs) -> dict:
     from .loading import mmengine_checkpoints
 
     require_stack()
+    if args.rm_alpha is not None and (args.loader != "dali" or not 0 < args.rm_alpha <= 1):
+        raise MMError("--rm-alpha takes a value in (0, 1] and needs --loader dali "
+                      "(with the stock loader use a *_densrm config)")
     cfg = load_config(args)
     if args.backbone:
         set_backbone(cfg, args.backbone)
@@ -310,6 +315,7 @@ def train(args: MMArgs) -> dict:
     adapt_to_device(cfg, torch.cuda.is_available())
     with mmengine_checkpoints():
         runner = _build_runner(cfg, args.config)
+        attach_loaders(runner, args, ("train_dataloader", "val_dataloader"))
         try:
             runner.train()
         except BackboneMismatch as e:
@@ -319,6 +325,21 @@ def train(args: MMArgs) -> dict:
         Path(runner.work_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"rmix mm train: final val {json.dumps(metrics)}", flush=True)
     return metrics
+
+
+def attach_loaders(runner, args: MMArgs, which: tuple) -> None:
+    """With ``--loader dali``, our DALI detection / segmentation loaders replace mmengine's DataLoaders."""
+    if args.loader != "dali":
+        return
+    from .dali_loop import DaliLoaderError, attach_dali_loaders
+
+    try:
+        if "train_dataloader" in which:
+            attach_dali_loaders(runner, rm_alpha=args.rm_alpha)
+        else:
+            attach_dali_loaders(runner, which=which)
+    except (DaliLoaderError, FileNotFoundError) as e:
+        raise MMError(first_line(e)) from None
 
 
 def test(args: MMArgs) -> dict:
@@ -339,6 +360,7 @@ def test(args: MMArgs) -> dict:
     adapt_to_device(cfg, torch.cuda.is_available())
     with mmengine_checkpoints():
         runner = _build_runner(cfg, args.config)
+        attach_loaders(runner, args, ("test_dataloader",))
         metrics = {k: _number(v) for k, v in runner.test().items()}
     if runner.rank == 0:
         print(f"rmix mm test: {json.dumps(metrics)}", flush=True)
