@@ -28,6 +28,7 @@ import torch
 from rmix import Mix, MixedBatch, NoMix
 from shards.manifest import load_manifest
 
+from .normalise import Normalise
 from .presets import PCA_EIGVAL, PCA_EIGVEC, Preset
 from .seeds import derive_rng
 
@@ -118,6 +119,7 @@ class Loader:
         self._lighting_rng = derive_rng(seed, rank, 0, "lighting")  # one stream for the run, saved in state_dict
         self._mean = torch.tensor(preset.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(preset.std, device=self.device).view(1, 3, 1, 1)
+        self._normalise_cpu = Normalise(preset.mean, preset.std) if self.device.type == "cpu" else None
         if preset.lighting:
             eig = torch.tensor(PCA_EIGVEC) * torch.tensor(PCA_EIGVAL)[None, :]
             self._pca = (eig * 255.0).to(self.device)  # lighting on the 0..255 scale
@@ -168,8 +170,11 @@ class Loader:
         return batch
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) on 0..255 -> float32 ``(x - mean) / std``, in one fresh tensor."""
-        return images.float().sub_(self._mean).div_(self._std)
+        """uint8 (N, 3, H, W) on 0..255 -> float32 ``(x - mean) / std``, in one fresh tensor (on the CPU
+        one lookup pass into huge pages, :mod:`pipelines.normalise`; the same bits either way)."""
+        if self._normalise_cpu is not None and images.dim() == 4 and images.shape[1] == 3:
+            return self._normalise_cpu(images)
+        return (images.float() - self._mean) / self._std
 
     def _to_model(self, images: torch.Tensor) -> torch.Tensor:
         """The memory format and dtype the trainer asked for."""

@@ -1,7 +1,10 @@
 """Torch backend: ``webdataset`` + PIL + torchvision transforms in a ``torch.utils.data.DataLoader``,
 the baseline users know. Shards are split across ranks (a seeded shard order, the same on every rank,
-sliced ``rank::world_size``); decoding and augmentation run in the workers, which build each batch
-straight into shared memory; normalisation, the mix and everything after run on the training device.
+sliced ``rank::world_size``); decoding and augmentation run in the workers, which build each uint8
+batch straight into shared memory; normalisation, the mix and everything after run on the training
+device. On a CPU the normalisation is one pass into a fresh float32 tensor (:mod:`pipelines.normalise`;
+measured cheaper than normalising per sample in the workers, as torchvision's ``Normalize`` does); on
+a GPU it runs after the copy, which moves a quarter of the bytes of float32.
 
 Splitting across workers (the unit is the batch, so every worker is busy whatever the shard count):
 global batch ``k`` of a rank's epoch is made by worker ``k % num_workers`` (counted from the batch the
@@ -58,6 +61,7 @@ from shards.errors import ShardError
 from shards.reader import split_files
 
 from .loader import Loader
+from .normalise import Normalise
 from .presets import Preset
 from .seeds import derive_seed
 
@@ -124,12 +128,8 @@ class _RankStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls, counts, ext, transform, *, batch_size, train, rank, world_size, seed,
-                 num_batches, num_workers, normalise=None):
+                 num_batches, num_workers):
         self.urls, self.counts, self.ext, self.transform = urls, counts, ext, transform
-        # (mean, std) on the 0..255 scale: the workers write normalised float32 (CPU training);
-        # None: uint8, normalised on the device after the copy (a quarter of the bytes to move)
-        self.normalise = None if normalise is None else tuple(
-            np.asarray(v, np.float32).reshape(3, 1, 1) for v in normalise)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_batches, self.num_workers = rank, world_size, num_batches, num_workers
         self.state = torch.zeros(2 + num_workers + 1 + num_batches, dtype=torch.int64).share_memory_()
@@ -154,8 +154,8 @@ class _RankStream(torch.utils.data.IterableDataset):
     def worker_shards(self, order_seed: int, num_workers: int) -> Optional[list[list[int]]]:
         """Shard split: each worker's own shards, or None for the sample split (module header)."""
         shards = self.rank_shards(order_seed)
-        if not self.train or len(shards) < num_workers:
-            return None
+        if not self.train or num_workers < 2 or len(shards) < num_workers:
+            return None  # (one worker: its own shards are the rank's stream)
         own = [shards[w::num_workers] for w in range(num_workers)]
         sizes = [sum(self.counts[i] for i in s) for s in own]
         return own if min(sizes) >= 0.9 * max(sizes) else None
@@ -168,7 +168,7 @@ class _RankStream(torch.utils.data.IterableDataset):
             urls = urls * max(1, -(-quota // max(1, sum(self.counts[i] for i in shards))))
         samples = wds.tarfile_samples(({"url": u} for u in urls), handler=raise_shard_error)
         if self.train:
-            samples = wds.filters._shuffle(samples, 1000, 100, rng=random.Random(shuffle_seed))
+            samples = wds.shuffle(1000, 100, rng=random.Random(shuffle_seed))(samples)
         return itertools.islice(samples, quota) if quota is not None else samples
 
     def __iter__(self):
@@ -207,13 +207,9 @@ class _RankStream(torch.utils.data.IterableDataset):
             yield self._make_batch(batch, batch_seeds[k])
 
     def _make_batch(self, samples: list[dict], seed: int):
-        """Decode and augment one batch straight into a shared-memory (N, 3, H, W) tensor, uint8 or
-        normalised float32; torchvision's random transforms draw from torch's generator, seeded per batch.
-
-        Normalising here, one sample at a time while it is in cache, is the same float32 arithmetic as
-        ``Loader._finish`` (``(x - mean) / std``), so the values are bit for bit the same; on a CPU it
-        costs half of the main process doing it on the whole batch (no large temporaries to fault in).
-        """
+        """Decode and augment one batch straight into a shared-memory uint8 (N, 3, H, W) tensor (a
+        quarter of the bytes of float32 to fault in and move); torchvision's random transforms draw
+        from torch's generator, seeded per batch."""
         torch.manual_seed(seed)
         out = out_np = None
         labels = []
@@ -227,14 +223,9 @@ class _RankStream(torch.utils.data.IterableDataset):
                 e.url, e.key = sample.get("__url__"), sample.get("__key__")
                 raise_shard_error(e)
             if out is None:
-                out = _shared_empty((len(samples), 3) + arr.shape[:2],
-                                    torch.uint8 if self.normalise is None else torch.float32)
+                out = _shared_empty((len(samples), 3) + arr.shape[:2], torch.uint8)
                 out_np = out.numpy()
-            if self.normalise is None:
-                out_np[i] = arr.transpose(2, 0, 1)
-            else:
-                np.subtract(arr.transpose(2, 0, 1), self.normalise[0], out=out_np[i], dtype=np.float32)
-                np.divide(out_np[i], self.normalise[1], out=out_np[i])
+            out_np[i] = arr.transpose(2, 0, 1)
         return out, torch.tensor(labels, dtype=torch.int64)
 
 
@@ -254,8 +245,10 @@ class TorchLoader(Loader):
         self._stream = _RankStream([str(f) for f in files], self._counts, self.manifest["splits"][split]["wds"]["ext"],
                                    torchvision_transform(self.preset, to_tensor=False), batch_size=self.batch_size,
                                    train=self.train, rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                   num_batches=len(self), num_workers=self.num_workers,
-                                   normalise=(self.preset.mean, self.preset.std) if self.device.type == "cpu" else None)
+                                   num_batches=len(self), num_workers=self.num_workers)
+        # on a CPU the uint8 batch is normalised here in one pass into a fresh float32 tensor
+        # (pipelines.normalise; measured cheaper than normalising in the workers); on a GPU after the copy
+        self._normalise = Normalise(self.preset.mean, self.preset.std) if self.device.type == "cpu" else None
         self._loader = None  # the DataLoader and its persistent workers, started on the first pass
 
     def __len__(self) -> int:
@@ -272,6 +265,8 @@ class TorchLoader(Loader):
         self._stream.set_pass(self.epoch, start)  # read by the workers as the pass starts
         try:
             for images, labels in self._loader:
+                if self._normalise is not None:
+                    images = self._normalise(images)
                 yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         except ShardError as e:
             raise ShardError(_one_line(e)) from None

@@ -549,3 +549,186 @@ def test_batches_are_fresh_tensors_and_record_logits_feeds_the_mix(cifar_shards,
         assert torch.equal(i, ic) and torch.equal(l, lc) and torch.equal(t, tc)
     assert len({i.data_ptr() for i, _, _ in kept}) == len(kept)
     assert len({l.data_ptr() for _, l, _ in kept}) == len(kept)
+
+
+# -- issue 11: every torch worker busy whatever the shard count; the CPU normalisation of torch/ffcv ----
+
+@pytest.fixture(scope="module")
+def cifar_one_shard(tmp_path_factory):
+    """The same kind of set in one shard per split (the default 1 GB shard size on a small set)."""
+    tmp = tmp_path_factory.mktemp("cifar1")
+    src, arrays = write_cifar10(tmp / "src", per_batch=20, test=30)  # 100 train, 30 val
+    build(ShardParams(dataset="cifar10", samples_per_shard=1000), src, tmp / "out", workers=2, progress=False)
+    return tmp / "out" / "cifar10", arrays
+
+
+class _PidRecorder:
+    """Wraps the workers' transform and appends the pid of the process that ran it to a file."""
+
+    def __init__(self, inner, path):
+        self.inner, self.path = inner, path
+
+    def __call__(self, image):
+        import os
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return self.inner(image)
+
+
+def _record_worker_pids(monkeypatch, path):
+    import pipelines.torch_wds as tw
+
+    original = tw.torchvision_transform
+    monkeypatch.setattr(tw, "torchvision_transform", lambda preset, to_tensor=True: _PidRecorder(
+        original(preset, to_tensor), path))
+    return lambda: [int(p) for p in path.read_text().split()]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_torch_one_shard_keeps_every_worker_busy_with_the_same_batches(cifar_one_shard, tmp_path, monkeypatch, split):
+    """One shard, two workers: both workers decode (each its own batches, each sample once), and the
+    batches are exactly those of one worker reading alone (augmentation is seeded per batch)."""
+    import os
+
+    root, arrays = cifar_one_shard
+    pids = _record_worker_pids(monkeypatch, tmp_path / "pids")
+    two = [(b.images.clone(), b.labels.clone())
+           for b in loader(root, split, "torch", batch_size=8, num_workers=2, seed=4)]
+    decoded = pids()
+    assert len(set(decoded)) == 2 and os.getpid() not in decoded
+    n = len(arrays[split][1])
+    assert len(decoded) == (n // 8) * 8 if split == "train" else n  # no sample decoded twice, none skipped after
+    one = [(b.images.clone(), b.labels.clone())
+           for b in loader(root, split, "torch", batch_size=8, num_workers=1, seed=4)]
+    assert len(two) == len(one) == len(loader(root, split, "torch", batch_size=8))
+    for (i2, l2), (i1, l1) in zip(two, one):
+        assert torch.equal(i2, i1) and torch.equal(l2, l1)
+    if split == "val":  # every sample exactly once, the last batch partial
+        assert sorted(torch.cat([l for _, l in two]).tolist()) == sorted(arrays["val"][1].tolist())
+        assert [i.shape[0] for i, _ in two] == [8, 8, 8, 6]
+
+
+def test_torch_many_shards_give_each_worker_its_own_shards(cifar_shards, tmp_path, monkeypatch):
+    """Ten shards, two workers (training): each worker reads only its own shards -- both decode, and
+    their label sets come from disjoint shards -- and the rank still takes len() full batches."""
+    from pipelines.torch_wds import _RankStream
+
+    root, _ = cifar_shards
+    pids = _record_worker_pids(monkeypatch, tmp_path / "pids")
+    L = loader(root, "train", "torch", batch_size=8, num_workers=2, seed=1)
+    stream = L._stream
+    stream.set_pass(0, 0)
+    own = stream.worker_shards(int(stream.state[1]), 2)
+    assert own is not None and not set(own[0]) & set(own[1]) and sorted(own[0] + own[1]) == list(range(10))
+    batches = [b.images.shape[0] for b in L]
+    assert batches == [8] * len(L) and len(set(pids())) == 2
+    # a rank whose shards cannot be shared evenly among its workers reads them all (sample split)
+    assert _RankStream.worker_shards(stream, int(stream.state[1]), 3) is None  # 10 shards: 4/3/3 is uneven
+
+
+@pytest.mark.parametrize("fixture", ["cifar_one_shard", "cifar_shards"])
+def test_torch_resume_is_exact_in_both_splits_and_skips_without_decoding(fixture, request, tmp_path, monkeypatch):
+    """Mid-epoch resume, sample split (one shard) and shard split (ten): the rest of the epoch is the
+    same batches, and the workers skip the batches already seen without decoding them."""
+    root, _ = request.getfixturevalue(fixture)
+    full = [(b.images.clone(), b.labels.clone()) for b in loader(root, "train", "torch", batch_size=8, seed=6)]
+    L = loader(root, "train", "torch", batch_size=8, seed=6)
+    it = iter(L)
+    for _ in range(5):
+        next(it)
+    state = L.state_dict()
+    del it, L
+    pids = _record_worker_pids(monkeypatch, tmp_path / "pids")
+    resumed = loader(root, "train", "torch", batch_size=8, seed=6)
+    resumed.load_state_dict(state)
+    rest = [(b.images.clone(), b.labels.clone()) for b in resumed]
+    assert len(rest) == len(full) - 5 and len(pids()) == 8 * len(rest)
+    for (i1, l1), (i2, l2) in zip(full[5:], rest):
+        assert torch.equal(i1, i2) and torch.equal(l1, l2)
+
+
+def test_torch_workers_persist_across_epochs(cifar_shards):
+    root, _ = cifar_shards
+    L = loader(root, "train", "torch", batch_size=8)
+    first = [b.labels.clone() for b in L]
+    workers = L._loader._iterator._workers
+    second = [b.labels.clone() for b in L]
+    assert L._loader._iterator._workers is workers and all(w.is_alive() for w in workers)
+    assert len(first) == len(second) and any(not torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_torch_train_needs_a_shard_per_rank(cifar_one_shard):
+    with pytest.raises(ValueError, match=r"1 webdataset shard\(s\) for 2 ranks"):
+        loader(cifar_one_shard[0], "train", "torch", rank=1, world_size=2)
+    # eval still reads every sample exactly once: rank 1 simply has none
+    lens = [len(loader(cifar_one_shard[0], "val", "torch", rank=r, world_size=2, batch_size=8)) for r in (0, 1)]
+    assert lens == [4, 0]
+
+
+@pytest.mark.parametrize("numba_available", [True, False])
+def test_normalise_is_loader_finish_bit_for_bit_and_fresh(monkeypatch, numba_available):
+    import pipelines.normalise as nm
+
+    if not numba_available:
+        monkeypatch.setattr(nm, "numba", None)
+    norm = nm.Normalise(IMAGENET_MEAN, IMAGENET_STD)
+    g = torch.Generator().manual_seed(0)
+    hwc = torch.randint(0, 256, (5, 17, 9, 3), dtype=torch.uint8, generator=g)
+    images = hwc.permute(0, 3, 1, 2)  # FFCV's channels-last view
+    ref = (images.float() - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    out = norm(images)
+    assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, ref)
+    assert norm(images).data_ptr() != out.data_ptr()
+    with pytest.raises(ValueError, match="uint8"):
+        norm(images.float())
+
+
+def test_fresh_empty_maps_large_batches_and_frees_them(monkeypatch):
+    import gc
+
+    import pipelines.normalise as nm
+
+    monkeypatch.setattr(nm, "HUGE_BATCH_BYTES", 1 << 20)
+    big = nm.fresh_empty((4, 3, 256, 256))  # 3 MiB: a mapping of its own
+    small = nm.fresh_empty((4, 3, 8, 8))
+    assert big.shape == (4, 3, 256, 256) and big.dtype == torch.float32 and small.shape == (4, 3, 8, 8)
+    big.fill_(2.0)
+    gc.collect()
+    assert float(big.sum()) == 2.0 * big.numel()  # the tensor keeps its mapping alive
+    other = nm.fresh_empty((4, 3, 256, 256))
+    assert other.data_ptr() != big.data_ptr()
+
+
+def test_ffcv_cpu_batches_are_normalised_in_the_loader(cifar_shards, monkeypatch):
+    """On the CPU the FFCV backend yields float32 already normalised (one pass from FFCV's uint8
+    view), so Loader._finish passes it through; the pixels are the exact normalisation."""
+    import pipelines.ffcv_loader as fl
+
+    calls = []
+    original = fl.Normalise.__call__
+
+    def spy(self, images):
+        calls.append(images.dtype)
+        return original(self, images)
+
+    monkeypatch.setattr(fl.Normalise, "__call__", spy)
+    L = loader(cifar_shards[0], "val", "ffcv", batch_size=8)
+    images = torch.cat([b.images for b in L])
+    assert calls and set(calls) == {torch.uint8}
+    arrays = cifar_shards[1]
+    src = torch.from_numpy(arrays["val"][0]).permute(0, 3, 1, 2).float()
+    ref = (src - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    assert sorted(digest(images)) == sorted(digest(ref))  # bit for bit, not rounded
+
+
+def test_ffcv_os_cache_when_the_beton_fits(tmp_path, monkeypatch):
+    import os
+
+    from pipelines.ffcv_loader import os_cache_fits
+
+    beton = tmp_path / "x.beton"
+    beton.write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 4}[name])
+    assert os_cache_fits(str(beton))
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 3}[name])
+    assert not os_cache_fits(str(beton))
