@@ -99,6 +99,7 @@ def batch_crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, flip: 
 
 class MemoryLoader(Loader):
     backend = "memory"
+    decodes_in_parallel = False  # nothing decodes beside the batched augmentation: it keeps every thread
 
     def __init__(self, manifest, split, **kw):
         super().__init__(manifest, split, **kw)

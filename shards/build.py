@@ -19,6 +19,7 @@ import fcntl
 import json
 import multiprocessing as mp
 import os
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -113,6 +114,12 @@ def _is_int(v) -> bool:
 _WORKER_SOURCE: Optional[Source] = None
 
 
+def _worker_init() -> None:
+    # the default SIGTERM action, whatever handler the forking process had installed (a trainer's, say):
+    # Pool.__exit__ terminates its workers with SIGTERM, and a worker that survives it hangs the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _encode_chunk(indices: list[int]) -> list:
     return [_WORKER_SOURCE.encode(i) for i in indices]
 
@@ -131,7 +138,7 @@ def encode_in_order(source: Source, order: np.ndarray, start: int, workers: int,
         return
     _WORKER_SOURCE = source
     ctx = mp.get_context("fork")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_worker_init) as pool:
         for results in pool.imap(_encode_chunk, chunks):
             for r in results:
                 yield pos, r

@@ -732,3 +732,25 @@ def test_ffcv_os_cache_when_the_beton_fits(tmp_path, monkeypatch):
     assert os_cache_fits(str(beton))
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 3}[name])
     assert not os_cache_fits(str(beton))
+
+
+@pytest.mark.parametrize("backend, expected", [("dali", 1), ("memory", None)])
+def test_work_after_the_iterator_runs_single_threaded_beside_a_parallel_decoder(cifar_shards, backend, expected):
+    """On the CPU the mix runs on one thread while DALI/FFCV/torch workers decode (no contention for the
+    same cores); the memory path has no decoder beside it and keeps every thread. The trainer always
+    gets its own thread count back."""
+    from rmix import NoMix
+
+    root, _ = cifar_shards
+    seen = []
+
+    class Spy(NoMix):
+        def _mix(self, images, targets):
+            seen.append(torch.get_num_threads())
+            return super()._mix(images, targets)
+
+    before = torch.get_num_threads()
+    L = loader(root, backend=backend, mix=Spy(num_classes=10))
+    for _ in L:
+        assert torch.get_num_threads() == before
+    assert seen and set(seen) == {expected or before}

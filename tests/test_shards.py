@@ -683,3 +683,16 @@ def test_progress_off_a_terminal_is_plain_lines(tmp_path):
     q.update(5)
     q.close()
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_encode_pool_ends_even_when_the_parent_handles_sigterm(tmp_path, cifar10):
+    """Pool.__exit__ stops its workers with SIGTERM; forked from a process with its own SIGTERM handler
+    (a trainer in the same process), they must still die, or the job hangs after its last shard."""
+    src, _ = cifar10
+    code = ("import signal, sys; from pathlib import Path; from shards.build import ShardParams, build; "
+            "signal.signal(signal.SIGTERM, lambda *a: None); "
+            f"build(ShardParams(dataset='cifar10', formats=['wds']), Path({str(src)!r}), Path({str(tmp_path / 'o')!r}), "
+            "workers=2, progress=False); print('done')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.strip().endswith("done"), r.stderr[-2000:]

@@ -248,3 +248,11 @@ def test_data_wait_measures_waiting(digits, tmp_path, delay):
                           RunState(), device=torch.device("cpu"), log=lambda m: None)
     expected = 4 * delay / (time.perf_counter() - t0)
     assert abs(row["data_wait"] - expected) < 0.05, (row, expected)
+
+
+def test_run_gives_back_the_callers_sigterm_handler(digits, tmp_path):
+    """A handler left behind would be inherited by every process forked later (shard encoders, DataLoader
+    workers), which SIGTERM could then no longer stop."""
+    before = signal.getsignal(signal.SIGTERM)
+    run(cfg(digits, tmp_path, loader="memory", stop_after_steps=1))
+    assert signal.getsignal(signal.SIGTERM) is before

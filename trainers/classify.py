@@ -391,7 +391,9 @@ def run(cfg: TrainConfig) -> dict:
                 "epoch": epoch, "step": state.step, "mid_epoch": in_epoch, "best": state.best,
                 "loader": loader_states, "rng": rng_state(), "config": cfg.to_dict()})
 
-    signal.signal(signal.SIGTERM, lambda *_: setattr(state, "sigterm", True))
+    # SIGTERM asks for a save at the next step; the caller's handler comes back when run() returns (a
+    # handler left behind would be inherited by every process forked later and make it unkillable)
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: setattr(state, "sigterm", True))
 
     def should_stop() -> bool:
         """SIGTERM or the step budget. With DDP every rank must stop at the same step (the save
@@ -450,6 +452,8 @@ def run(cfg: TrainConfig) -> dict:
         how = "SIGTERM" if state.sigterm else f"--stop_after_steps {cfg.stop_after_steps}"
         log(f"=> stopped at step {state.step} ({how}); saved {out_dir / 'latest.pth'} (resume with --resume latest)")
         result = {"stopped_at_step": state.step, **({"preempted": True} if state.sigterm else {})}
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     if world > 1:
         print(f"rank {rank}: final {json.dumps({k: round(v, 6) for k, v in result.items()})}", flush=True)
         dist.destroy_process_group()
