@@ -9,7 +9,6 @@ ADE20K fixtures, and (slow) a few ATSS and UPerNet iterations on CPU with dense 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -355,20 +354,7 @@ def test_dense_mixes_on_cuda_match_cpu():
 
 # -- mmdet / mmseg integration ----------------------------------------------------------------------
 
-def _have_mm() -> bool:
-    try:
-        import mmdet  # noqa: F401
-        import mmseg  # noqa: F401
-        from mmcv.ops import nms  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-HAVE_MM = _have_mm()
-if not HAVE_MM and os.environ.get("CI"):
-    raise RuntimeError("the OpenMMLab stack is missing under CI: `make test` runs `make setup-mm` first")
-needs_mm = pytest.mark.skipif(not HAVE_MM, reason="OpenMMLab stack not installed: run `make setup-mm`")
+from mm_fixtures import needs_mm  # noqa: E402  (one probe of the OpenMMLab stack for every mm test)
 
 ATSS_TINY = """
 _base_ = '{base}'

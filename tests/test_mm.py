@@ -27,21 +27,7 @@ CONFIGS = REPO / "trainers" / "mm" / "configs"
 ATSS = CONFIGS / "atss_r50_fpn_1x_coco.py"
 UPERNET = CONFIGS / "upernet_r50_8xb2-80k_ade20k-512x512.py"
 
-
-def _have_mm() -> bool:
-    try:
-        import mmdet  # noqa: F401
-        import mmseg  # noqa: F401
-        from mmcv.ops import nms  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-HAVE_MM = _have_mm()
-if not HAVE_MM and os.environ.get("CI"):
-    raise RuntimeError("the OpenMMLab stack is missing under CI: `make test` runs `make setup-mm` first")
-needs_mm = pytest.mark.skipif(not HAVE_MM, reason="OpenMMLab stack not installed: run `make setup-mm`")
+from mm_fixtures import needs_mm  # noqa: E402  (one probe of the OpenMMLab stack for every mm test)
 # mmengine re-imports pkg_resources to resolve mmdet::/mmseg:: bases; setuptools 80 warns every time
 pytestmark = pytest.mark.filterwarnings("ignore:pkg_resources is deprecated:UserWarning")
 
