@@ -25,12 +25,15 @@ keep_ratio=True), RandomFlip(0.5), PackDetInputs`` + ``DetDataPreprocessor(pad_s
   but each ``inputs`` entry is the unpadded view ``[:, :h, :w]``, so ``DetDataPreprocessor`` normalises
   and pads exactly as with the stock loader (pad value 0 after normalisation).
 
-Not bit-identical: pixel values after resizing (DALI's bilinear vs OpenCV's fixed-point ``INTER_LINEAR``,
-+-1 grey level; images that need no resize are bit-identical: both decode with libjpeg-turbo).
-
-Cost on a CPU (``rmix bench dense``, 2 cores): DALI's CPU bilinear resize is the bottleneck of this graph
-(640x480 -> 1067x800: ~50 img/s on 2 threads, against ~770 img/s for OpenCV on one), so without CUDA this
-loader is slower than mmdet's own DataLoader; its case is the GPU graph (``mixed`` decode, GPU resize).
+On a CPU (no CUDA) the resize runs on the host (``host_resize``, the default there): the graph decodes and
+pads the decoded images to the batch maximum, and the loader resizes each with OpenCV's ``INTER_LINEAR`` (what
+mmcv's ``imresize`` calls), flips it and writes it transposed into the padded CHW batch, one image per
+thread. Why: DALI's CPU bilinear resize is ~15x slower than OpenCV's here (640x480 -> 1067x800: ~52 images
+per CPU-second for decode + resize in DALI, against ~1,100 resizes/s for OpenCV on one core), which made this
+loader 0.64x mmdet's own DataLoader per CPU-second. With the host resize the pixels are those of the stock
+pipeline bit for bit (both decode with libjpeg-turbo, both resize with OpenCV). On a GPU the whole graph runs
+on the device (``mixed`` decode, GPU resize, flip and pad); its pixels differ from OpenCV's fixed-point
+bilinear by +-1 grey level. ``host_resize=False`` runs that same graph on the CPU (the tests do, for parity).
 
 Training order comes from DALI's shuffle buffer (``random_shuffle``, as :mod:`pipelines.dali`): a full
 permutation per epoch while the dataset fits the buffer (1,024 images), a buffer shuffle beyond, not
@@ -46,8 +49,9 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +69,7 @@ except ImportError as _e:
 
 PAD_DIVISOR = 32
 BGR_MEAN = (103.53, 116.28, 123.675)  # mmdet / mmseg ImageNet mean, BGR order (their inputs are BGR)
+PAD_MEAN = tuple(round(m) for m in BGR_MEAN)  # the uint8 padding under dense RecursiveMix
 
 
 def _f64(x):
@@ -83,41 +88,51 @@ def keep_ratio_size(h, w, scale: Sequence[float]):
     return dmath.floor(hf * s + half), dmath.floor(wf * s + half)
 
 
-def det_augment(encoded, scale: Sequence[float], flip_prob: float, gpu: bool):
+def det_augment(encoded, scale: Sequence[float], flip_prob: float, gpu: bool, host_resize: bool = False):
     """Encoded JPEG -> (CHW uint8 BGR image padded to the batch max and a multiple of 32,
-    shape info int32 ``(h, w, new_h, new_w)``, flip int32)."""
+    shape info int32 ``(h, w, new_h, new_w)``, flip int32).
+
+    With ``host_resize`` the graph stops after decoding: the image is the decoded HWC *RGB* image padded
+    to the batch maximum, and the loader resizes, flips, pads and turns it to BGR with OpenCV and numpy
+    (module header). RGB because DALI's CPU decoder takes 2.6x longer to give BGR (4.9 against 1.9 ms
+    for a 640x480 JPEG, measured here); the host copy reverses the channels for free."""
     shape = fn.peek_image_shape(encoded)  # (h, w, c) on the CPU, before decoding
     h, w = shape[0], shape[1]
     new_h, new_w = keep_ratio_size(h, w, scale)
-    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.BGR)
     op_dev = "gpu" if gpu else "cpu"
+    flip = fn.random.coin_flip(probability=flip_prob, dtype=types.INT32)  # p=0 in eval: always 0
+    info = fn.cast(fn.stack(_f64(h), _f64(w), new_h, new_w), dtype=types.INT32)
+    if host_resize:
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        return fn.pad(images, device=op_dev, axes=(0, 1), fill_value=0), info, flip
+    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.BGR)
     images = fn.resize(images, device=op_dev, resize_x=fn.cast(new_w, dtype=types.FLOAT),
                        resize_y=fn.cast(new_h, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR, antialias=False)
-    flip = fn.random.coin_flip(probability=flip_prob, dtype=types.INT32)  # p=0 in eval: always 0
     # mirror and HWC -> CHW in one pass (no mean/std: uint8 values unchanged)
     images = fn.crop_mirror_normalize(images, device=op_dev, mirror=flip, output_layout="CHW", dtype=types.UINT8)
     images = fn.pad(images, device=op_dev, axes=(1, 2), align=(PAD_DIVISOR, PAD_DIVISOR), fill_value=0)
-    info = fn.cast(fn.stack(_f64(h), _f64(w), new_h, new_w), dtype=types.INT32)
     return images, info, flip
 
 
 @pipeline_def(enable_checkpointing=True)
 def coco_pipeline(file_root: str, annotations_file: str, scale=(1333, 800), flip_prob: float = 0.5,
-                  shard_id: int = 0, num_shards: int = 1, gpu: bool = False, is_training: bool = False):
+                  shard_id: int = 0, num_shards: int = 1, gpu: bool = False, is_training: bool = False,
+                  host_resize: bool = False):
     """COCO images + ``instances_*.json`` -> ``(images, info, flip, boxes, labels, image_ids)``.
 
     Call with DALI's pipeline arguments too (``batch_size``, ``num_threads``, ``device_id`` -- None for
     a CPU-only graph --, ``seed``, ``checkpoint``). Boxes are the file's ltrb pixels padded with -1 to the
     batch maximum count, labels the file's ``category_id`` padded with -1; the loader scales and flips
     them with ``info`` / ``flip``. Training shuffles and skips images without (non-crowd) annotations;
-    eval pads the last batch and sticks to its shard (exact-once across ``num_shards``).
+    eval pads the last batch and sticks to its shard (exact-once across ``num_shards``). ``host_resize``:
+    see :func:`det_augment`.
     """
     encoded, boxes, labels, image_ids = fn.readers.coco(
         file_root=file_root, annotations_file=annotations_file, ltrb=True, ratio=False, image_ids=True,
         skip_empty=is_training, include_iscrowd=False, shard_id=shard_id, num_shards=num_shards,
         random_shuffle=is_training, pad_last_batch=not is_training, stick_to_shard=not is_training,
         name="reader")
-    images, info, flip = det_augment(encoded, scale, flip_prob if is_training else 0.0, gpu)
+    images, info, flip = det_augment(encoded, scale, flip_prob if is_training else 0.0, gpu, host_resize)
     boxes = fn.pad(boxes, axes=(0,), fill_value=-1.0)
     labels = fn.pad(fn.cast(labels, dtype=types.INT32), axes=(0,), fill_value=-1)
     return images, info, flip, boxes, labels, image_ids
@@ -151,6 +166,13 @@ class DenseDaliLoader:
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
         self.epoch, self.position = 0, 0
         self._iterator = None
+        self._pool = None  # threads of the host-side stages (CPU path), started with the first batch
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The loader's ``num_threads`` host threads (OpenCV and numpy copies release the GIL)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=self.backend)
+        return self._pool
 
     # -- DALI ------------------------------------------------------------------------------------
     def _pipeline(self, checkpoint):
@@ -191,7 +213,18 @@ class DenseDaliLoader:
     def __iter__(self) -> Iterator[dict]:
         for out in self.iterator:
             self.position += 1
-            yield self._batch(out[0])
+            if self._device_id is not None:
+                yield self._batch(out[0])
+                continue
+            # on the CPU, DALI's threads decode the next batches meanwhile: torch's intra-op threads would
+            # only contend with them (as pipelines.loader); the caller gets its thread count back
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                batch = self._batch(out[0])
+            finally:
+                torch.set_num_threads(threads)
+            yield batch
         self.set_epoch(self.epoch + 1)
 
     def _batch(self, out: dict) -> dict:
@@ -199,10 +232,10 @@ class DenseDaliLoader:
 
     def _fill_padding(self, images: torch.Tensor, heights, widths) -> None:
         """Paint each sample's padding with the rounded BGR mean (~0 after normalisation, as mmdet's pad)."""
-        mean = torch.tensor([round(m) for m in BGR_MEAN], dtype=images.dtype, device=images.device).view(3, 1, 1)
         for i, (h, w) in enumerate(zip(heights, widths)):
-            images[i, :, h:, :] = mean
-            images[i, :, :h, w:] = mean
+            for c, m in enumerate(PAD_MEAN):  # fill_ is a memset per plane; a broadcast (3, 1, 1) copy is slower
+                images[i, c, h:, :].fill_(m)
+                images[i, c, :h, w:].fill_(m)
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -235,6 +268,8 @@ class CocoDaliLoader(DenseDaliLoader):
         scale: ``Resize(scale=..., keep_ratio=True)``'s scale (default ATSS's (1333, 800)).
         flip_prob: ``RandomFlip(prob=...)`` (train only).
         mix: a :class:`rmix.dense.DetRecursiveMix` (train only), or None.
+        host_resize: resize, flip and pad with OpenCV after the DALI graph (module header); default
+            (None): on when the loader runs on the CPU, off on a GPU.
         batch_size, train, device, rank, world_size, seed, num_threads: as :class:`DenseDaliLoader`.
     """
 
@@ -242,8 +277,9 @@ class CocoDaliLoader(DenseDaliLoader):
     output_names = ("images", "info", "flip", "boxes", "labels", "image_ids")
 
     def __init__(self, img_dir, ann_file, classes: Sequence[str], *, scale=(1333, 800), flip_prob: float = 0.5,
-                 **kw):
+                 host_resize: Optional[bool] = None, **kw):
         super().__init__(**kw)
+        self.host_resize = self._device_id is None if host_resize is None else bool(host_resize)
         self.img_dir, self.ann_file = str(img_dir), str(ann_file)
         if not Path(self.ann_file).is_file():
             raise FileNotFoundError(f"no COCO annotation file {self.ann_file}")
@@ -263,16 +299,48 @@ class CocoDaliLoader(DenseDaliLoader):
 
     def _pipeline(self, checkpoint):
         return coco_pipeline(file_root=self.img_dir, annotations_file=self.ann_file, scale=self.scale,
-                             flip_prob=self.flip_prob, **self._pipe_kwargs(checkpoint))
+                             flip_prob=self.flip_prob, host_resize=self.host_resize, **self._pipe_kwargs(checkpoint))
+
+    def _resize_on_host(self, decoded: torch.Tensor, info, flips, fill: bool) -> torch.Tensor:
+        """Decoded HWC RGB images (padded to the batch max) -> the CHW BGR batch the GPU graph gives: each
+        image resized to its ``(new_h, new_w)`` with OpenCV's bilinear (mmcv's ``imresize``), flipped,
+        written channel-reversed into a batch padded to a multiple of 32; the padding is the rounded mean
+        when ``fill``, else left unwritten (the ``inputs`` views never show it)."""
+        import cv2
+
+        src = decoded.numpy()
+        out_h = -(-max(r[2] for r in info) // PAD_DIVISOR) * PAD_DIVISOR
+        out_w = -(-max(r[3] for r in info) // PAD_DIVISOR) * PAD_DIVISOR
+        out = torch.empty((len(info), 3, out_h, out_w), dtype=torch.uint8)
+        dst = out.numpy()
+
+        def one(i: int) -> None:  # OpenCV and numpy's copy release the GIL: the threads run in parallel
+            h, w, nh, nw = info[i]
+            img = src[i, :h, :w]
+            if (nh, nw) != (h, w):
+                img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+            chw = img.transpose(2, 0, 1)[::-1]  # RGB HWC -> BGR CHW ...
+            np.copyto(dst[i, :, :nh, :nw], chw[:, :, ::-1] if flips[i] else chw)  # ... and the flip: one copy
+            if fill:
+                for c, m in enumerate(PAD_MEAN):
+                    dst[i, c, nh:, :] = m
+                    dst[i, c, :nh, nw:] = m
+
+        list(self.pool().map(one, range(len(info))))
+        return out
 
     def _batch(self, out: dict) -> dict:
         from mmdet.structures import DetDataSample
         from mmdet.structures.bbox import HorizontalBoxes
         from mmengine.structures import InstanceData
 
-        images = out["images"]
         info = out["info"].long().tolist()            # small CPU tensors: no device sync
         flips = out["flip"].reshape(-1).tolist()
+        mixing = self.mix is not None and self.train
+        if self.host_resize:
+            images = self._resize_on_host(out["images"], info, flips, fill=mixing).to(self.device)
+        else:
+            images = out["images"]
         ids = out["image_ids"].reshape(-1).tolist()
         raw_boxes, raw_labels = out["boxes"], out["labels"].long()
         boxes, labels, metas = [], [], []
@@ -294,8 +362,9 @@ class CocoDaliLoader(DenseDaliLoader):
             if self.train:
                 meta.update(flip=bool(flips[i]), flip_direction="horizontal" if flips[i] else None)
             metas.append(meta)
-        if self.mix is not None and self.train:
-            self._fill_padding(images, [m["img_shape"][0] for m in metas], [m["img_shape"][1] for m in metas])
+        if mixing:
+            if not self.host_resize:  # (the host resize fills it as it writes)
+                self._fill_padding(images, [m["img_shape"][0] for m in metas], [m["img_shape"][1] for m in metas])
             mixed = self.mix(images, boxes, labels)
             images, boxes, labels = mixed.images, mixed.boxes, mixed.labels
             inputs = list(images.unbind(0))
