@@ -16,15 +16,20 @@ transform we do not implement is refused with one line that names it (use the st
   ``filter_cfg.filter_empty_gt`` is honoured for training (DALI's ``skip_empty``).
 * segmentation (``ADE20KDataset``): ``LoadImageFromFile``, ``LoadAnnotations(reduce_zero_label)``,
   ``RandomResize(scale, ratio_range, keep_ratio=True)``, ``Resize(scale, keep_ratio=True)``,
-  ``RandomCrop(crop_size, cat_max_ratio)`` (``cat_max_ratio`` not re-drawn: :mod:`pipelines.dali_seg`),
-  ``RandomFlip(prob)``, ``PhotoMetricDistortion`` (approximated: :mod:`pipelines.dali_seg`), ``PackSegInputs``.
+  ``RandomCrop(crop_size, cat_max_ratio)``, ``RandomFlip(prob)``, ``PhotoMetricDistortion``, ``PackSegInputs``
+  (exact on the CPU; the GPU graph takes the first crop and approximates the photometric steps:
+  :mod:`pipelines.dali_seg`).
 
 Dense RecursiveMix runs inside the training loader when ``rm_alpha`` is given
 (:class:`rmix.dense.DetRecursiveMix` / :class:`rmix.dense.SegRecursiveMix`, one generator per rank from
 ``derive_seed(seed, rank, 0, "mix")``).
 
 Resume: mmengine does not checkpoint dataloaders; an iteration-based resume advances the loader batch by
-batch as with the stock loader. Our loaders' ``state_dict()`` is there for trainers that save it.
+batch as with the stock loader (the DALI reader's order is a function of the seed, so the same batches
+come back). The dense mix's generator and history are not in the model either: the
+:class:`trainers.mm.hooks.DenseMixState` hook saves them in every checkpoint and restores them on resume
+(for the loader's mix after the advance, via :meth:`MMDaliLoader.restore_mix`), so a resumed run mixes the
+next batch as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -62,9 +67,40 @@ class MMDaliLoader:
         self.batch_size = loader.batch_size
         self.dataset = _DatasetInfo(metainfo, loader.num_samples)
         self.sampler = self  # mmengine calls dataloader.sampler.set_epoch(epoch)
+        self._pending_mix: Optional[tuple[int, dict, bool]] = None
+
+    @property
+    def mix(self):
+        """The dense mix inside the loader (None without one)."""
+        return self.loader.mix
+
+    def restore_mix(self, state: dict, skip: int, reset: bool) -> None:
+        """Load the mix's ``state`` once ``skip`` more batches have been drawn: mmengine's iteration-based
+        resume re-draws the batches a run already trained on (mixing them again) before the first new one,
+        which must then be mixed with the history and generator of the checkpoint. ``reset``: the
+        checkpoint sits on an epoch boundary, so the history is dropped as ``set_epoch`` would."""
+        self._pending_mix = (int(skip), state, bool(reset))
 
     def __iter__(self):
-        return iter(self.loader)
+        for batch in self._batches():
+            yield batch
+
+    def _batches(self):
+        it = iter(self.loader)
+        while True:
+            if self._pending_mix is not None and self._pending_mix[0] <= 0:
+                _, state, reset = self._pending_mix
+                self._pending_mix = None
+                self.loader.mix.load_state_dict(state)
+                if reset and not self.loader.mix.keep_history_across_epochs:
+                    self.loader.mix.reset()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            if self._pending_mix is not None:
+                self._pending_mix = (self._pending_mix[0] - 1,) + self._pending_mix[1:]
+            yield batch
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -1,4 +1,9 @@
-"""An mmengine hook that fails the run when the pretrained backbone did not arrive.
+"""mmengine hooks of our configs: the pretrained-backbone check and the dense mix's state in checkpoints.
+
+:class:`DenseMixState` (below) saves the dense RecursiveMix's generator and history in every checkpoint
+and restores them on resume.
+
+:class:`PretrainedBackboneCheck` fails the run when the pretrained backbone did not arrive.
 
 mmengine's ``Pretrained`` init loads with ``strict=False`` and only *warns* about missing and unexpected
 keys, so a backbone whose layout differs from the checkpoint (mmseg's default ``ResNetV1c`` deep stem, a
@@ -73,3 +78,68 @@ class PretrainedBackboneCheck(Hook):
                 f"{len(bad)} of the backbone's {total} tensors did not come from {path} (first: {bad[0]}); "
                 f"{type(backbone).__name__} does not match the checkpoint's layout")
         runner.logger.info(f"PretrainedBackboneCheck: all {total} backbone tensors equal {path}")
+
+
+def dense_mixes(runner) -> dict:
+    """The dense RecursiveMix objects of a run, by where they live: ``"loader"`` (inside our DALI train
+    loader), ``"preprocessor"`` (``RecursiveMixSegDataPreProcessor``) and ``"batch_augments.<i>"``
+    (``DetRecursiveMixAug`` in mmdet's ``data_preprocessor.batch_augments``)."""
+    found = {}
+    loader = getattr(runner.train_loop, "dataloader", None)
+    if getattr(loader, "mix", None) is not None and hasattr(loader, "restore_mix"):
+        found["loader"] = loader.mix
+    model = getattr(runner.model, "module", runner.model)
+    pre = getattr(model, "data_preprocessor", None)
+    if getattr(pre, "mix", None) is not None:
+        found["preprocessor"] = pre.mix
+    augments = getattr(pre, "batch_augments", None)
+    if augments is not None:
+        for i, aug in enumerate(augments if isinstance(augments, (list, tuple, torch.nn.ModuleList)) else [augments]):
+            if getattr(aug, "mix", None) is not None:
+                found[f"batch_augments.{i}"] = aug.mix
+    return found
+
+
+@HOOKS.register_module()
+class DenseMixState(Hook):
+    """Keeps dense RecursiveMix exact across a resume: its generator and history go into every checkpoint
+    (key ``rmix_dense_mix``) and come back on ``--resume``.
+
+    mmengine saves neither dataloaders nor ``batch_augments``; without this hook a resumed run restarts
+    the mix from its seed with no history. The preprocessor's mixes are restored with the checkpoint;
+    the loader's after mmengine's iteration-based advance (:meth:`trainers.mm.dali_loop.MMDaliLoader.
+    restore_mix`). An epoch-based run's checkpoints sit on epoch boundaries, where the history is dropped
+    (unless the mix keeps it across epochs) as the uninterrupted run drops it.
+    """
+
+    KEY = "rmix_dense_mix"
+    priority = "NORMAL"
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        mixes = dense_mixes(runner)
+        if mixes:
+            checkpoint[self.KEY] = {name: mix.state_dict() for name, mix in mixes.items()}
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        saved = checkpoint.get(self.KEY)
+        if not saved or not runner._resume:  # load_from: weights only, the mix starts fresh
+            return
+        from mmengine.runner import IterBasedTrainLoop
+
+        iter_based = isinstance(runner.train_loop, IterBasedTrainLoop)
+        skip = int(checkpoint["meta"]["iter"]) if iter_based else 0
+        mixes = dense_mixes(runner)
+        missing = sorted(set(saved) - set(mixes))
+        if missing:
+            runner.logger.warning(f"DenseMixState: the checkpoint has mix state for {missing}, this run has no "
+                                  f"such mix; it is not restored")
+        for name, mix in mixes.items():
+            if name not in saved:
+                runner.logger.warning(f"DenseMixState: no saved state for the {name} mix; it starts fresh")
+            elif name == "loader":
+                runner.train_loop.dataloader.restore_mix(saved[name], skip=skip, reset=not iter_based)
+            else:
+                mix.load_state_dict(saved[name])
+                if not iter_based and not mix.keep_history_across_epochs:
+                    mix.reset()
+        runner.logger.info(f"DenseMixState: restored {sorted(set(saved) & set(mixes))}")

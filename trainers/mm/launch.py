@@ -311,6 +311,12 @@ def train(args: MMArgs) -> dict:
             raise MMError(f"--resume: no checkpoint at {cfg.load_from}")
     check_backbone(cfg)  # also on resume: mmengine initialises the weights before it loads the checkpoint
     check_data(cfg, ("train_dataloader", "val_dataloader") if cfg.get("val_cfg") else ("train_dataloader",))
+    if (cfg.get("randomness") or {}).get("seed") is None:
+        # mmengine draws a new seed per launch when the config sets none, and builds the data loaders
+        # with it before --resume loads the checkpoint: the resumed run would read other batches
+        cfg.randomness = dict(cfg.get("randomness") or {}, seed=0)
+        print("rmix mm train: randomness.seed not set in the config: using 0, so that --resume reads the "
+              "same batches (set randomness.seed to change it)", flush=True)
     cfg.launcher = launcher_for_env()
     adapt_to_device(cfg, torch.cuda.is_available())
     with mmengine_checkpoints():

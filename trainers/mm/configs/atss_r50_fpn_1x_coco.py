@@ -20,4 +20,4 @@ model = dict(
         depth=50,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/r50_rm.pth', prefix='backbone.')))
 
-custom_hooks = [dict(type='PretrainedBackboneCheck')]
+custom_hooks = [dict(type='PretrainedBackboneCheck'), dict(type='DenseMixState')]

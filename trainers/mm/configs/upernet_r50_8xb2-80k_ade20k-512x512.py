@@ -30,4 +30,4 @@ param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=8000
 
 train_dataloader = dict(batch_size=2)
 
-custom_hooks = [dict(type='PretrainedBackboneCheck')]
+custom_hooks = [dict(type='PretrainedBackboneCheck'), dict(type='DenseMixState')]
