@@ -355,3 +355,19 @@ def test_exact_on_uint8_means_mixing_commutes_with_normalisation(cls, kw, exact)
             if m.uses_logits:
                 m.record_logits(torch.zeros(6, 10))
     assert same == exact
+
+
+@pytest.mark.parametrize("size,box", [((40, 48), (3, 5, 30, 39)), ((160, 224), (10, 7, 200, 150))])
+def test_uint8_paste_equals_interpolate_on_both_gather_paths(size, box):
+    """paste_one_box on uint8: index_select for narrow boxes, numpy's take for wide ones; both are
+    F.interpolate(mode='nearest') of the whole source, written into the box, bit for bit."""
+    from rmix.boxes import paste_one_box
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=g)
+    dst = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=g)
+    want = dst.clone()
+    x1, y1, x2, y2 = box
+    want[:, :, y1:y2, x1:x2] = torch.nn.functional.interpolate(src, size=(y2 - y1, x2 - x1), mode="nearest")
+    paste_one_box(dst, src, np.array(box), "nearest")
+    assert torch.equal(dst, want)
