@@ -754,3 +754,18 @@ def test_work_after_the_iterator_runs_single_threaded_beside_a_parallel_decoder(
     for _ in L:
         assert torch.get_num_threads() == before
     assert seen and set(seen) == {expected or before}
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_memory_fused_select_crop_flip_equals_the_torch_ops(flip):
+    """The memory path's one-pass CPU kernel is select + pad + crop + flip in torch, bit for bit."""
+    from pipelines.memory import batch_crop_flip, select_crop_flip
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=g)
+    sel = torch.randperm(300, generator=g)[:128]
+    for seed in range(3):
+        want = batch_crop_flip(images.index_select(0, sel), 4, torch.Generator().manual_seed(seed), flip)
+        got = select_crop_flip(images, sel, 4, torch.Generator().manual_seed(seed), flip)
+        assert torch.equal(got, want)
+    assert not torch.equal(got, images.index_select(0, sel))  # it did crop or flip
