@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 from rmix import Mix
 from shards.manifest import load_manifest
+from shards.remote import RemoteOptions
 
 from .loader import Loader, resolve_device
 from .presets import PRESETS, Preset, default_preset, get_preset
@@ -49,11 +50,15 @@ def backend_class(backend: str) -> type:
 def build_loader(manifest_or_dir, split: str, *, backend: str = "dali", batch_size: int, train: bool,
                  device="auto", rank: int = 0, world_size: int = 1, seed: int = 0,
                  preset: Union[str, Preset, None] = None, mix: Optional[Mix] = None,
-                 channels_last: bool = False, dtype: str = "float32", num_workers: int = 0) -> Loader:
+                 channels_last: bool = False, dtype: str = "float32", num_workers: int = 0,
+                 remote: Optional[RemoteOptions] = None) -> Loader:
     """Build the loader of one split.
 
     Args:
-        manifest_or_dir: ``OUT/<dataset>`` from ``rmix shards``, its ``manifest.json``, or the loaded dict.
+        manifest_or_dir: ``OUT/<dataset>`` from ``rmix shards``, its ``manifest.json``, the loaded dict,
+            or a URL: ``http(s)://.../manifest.json``, ``pipe:CMD`` with ``{}`` for each file's path
+            (:mod:`shards.remote`; torch streams the shards, the other backends read them from a
+            node-local cache).
         split: 'train' or 'val'.
         backend: 'dali', 'memory', 'ffcv' or 'torch'.
         batch_size: per-rank batch size.
@@ -67,13 +72,15 @@ def build_loader(manifest_or_dir, split: str, *, backend: str = "dali", batch_si
             feed it the model's logits with ``loader.record_logits(logits)``.
         channels_last, dtype: memory format and dtype of the images handed to the trainer.
         num_workers: decode threads/processes (default: cores, at most 8).
+        remote: :class:`shards.remote.RemoteOptions` for files named by URL (retries, timeout,
+            skipping, the cache directory); None for the defaults.
     """
     loader_cls = backend_class(backend)
-    manifest = manifest_or_dir if isinstance(manifest_or_dir, dict) else load_manifest(manifest_or_dir)
+    manifest = manifest_or_dir if isinstance(manifest_or_dir, dict) else load_manifest(manifest_or_dir, remote)
     preset = get_preset(preset, manifest["dataset"], train)
     return loader_cls(manifest, split, batch_size=batch_size, train=train, preset=preset, device=device,
                       rank=rank, world_size=world_size, seed=seed, mix=mix, channels_last=channels_last,
-                      dtype=dtype, num_workers=num_workers)
+                      dtype=dtype, num_workers=num_workers, remote=remote)
 
 
 __all__ = ["build_loader", "backend_class", "BACKENDS", "Loader", "PRESETS", "Preset", "default_preset", "resolve_device"]

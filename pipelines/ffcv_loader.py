@@ -132,6 +132,7 @@ def batch_color_jitter(images: torch.Tensor, factors: np.ndarray) -> torch.Tenso
 
 class FfcvLoader(Loader):
     backend = "ffcv"
+    shard_format = "ffcv"
 
     def __init__(self, manifest, split, **kw):
         super().__init__(manifest, split, **kw)

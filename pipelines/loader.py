@@ -15,6 +15,10 @@ manifest's checksum and the tar header at every offset it lists is intact and na
 an FFCV beton's header, fields and per-sample metadata agree with the manifest. Damaged pixel bytes of
 the right size pass these checks: ``rmix verify`` (checksums and a decode of every sample) is the full
 check.
+
+A dataset named by URL (``http(s)://.../manifest.json``, ``pipe:CMD {}``; :mod:`shards.remote`): the
+torch backend streams its shards (``streams_urls``); the others get a manifest of local copies in the
+node-local shard cache, downloaded and verified here before the backend sees it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from rmix import Mix, MixedBatch, NoMix
 from shards.manifest import load_manifest
+from shards.remote import RemoteOptions, ShardCache, split_is_remote
 
 from .normalise import Normalise
 from .presets import PCA_EIGVAL, PCA_EIGVEC, Preset
@@ -90,6 +95,11 @@ class Loader:
     """
 
     backend = "base"
+    #: the shard format the backend reads ('wds' or 'ffcv')
+    shard_format = "wds"
+    #: the backend reads shards by URL itself (torch); the others read local files, so a split named
+    #: by URL is first downloaded into the node-local shard cache (:class:`shards.remote.ShardCache`)
+    streams_urls = False
     #: the backend decodes in threads or processes of its own, concurrently with the work after the
     #: iterator (normalisation, lighting, the mix), which then runs single-threaded on a CPU
     decodes_in_parallel = True
@@ -97,8 +107,12 @@ class Loader:
     def __init__(self, manifest, split: str, *, batch_size: int, train: bool, preset: Preset,
                  device="auto", rank: int = 0, world_size: int = 1, seed: int = 0,
                  mix: Optional[Mix] = None, channels_last: bool = False, dtype="float32",
-                 num_workers: int = 0):
-        self.manifest = manifest if isinstance(manifest, dict) else load_manifest(manifest)
+                 num_workers: int = 0, remote: Optional[RemoteOptions] = None):
+        self.remote = remote if remote is not None else RemoteOptions()
+        self.manifest = manifest if isinstance(manifest, dict) else load_manifest(manifest, self.remote)
+        if (not self.streams_urls and split in self.manifest["splits"]
+                and split_is_remote(self.manifest, split, self.shard_format)):
+            self.manifest = ShardCache(self.remote).localise(self.manifest, split, self.shard_format)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:

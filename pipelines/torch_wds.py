@@ -40,6 +40,10 @@ Errors: the tars are checked against their ``.idx`` at start (:mod:`pipelines.ch
 ``tarfile`` reading a stream ends quietly at a damaged header, which would drop the rest of the shard).
 A read or decode error inside a DataLoader worker comes back as one :class:`ShardError` line naming
 the shard (and the sample when known), not a worker traceback. ``rmix verify`` is the full check.
+
+Shards by URL (``http(s)://``, ``pipe:``; :mod:`shards.remote`) are streamed by the workers through
+webdataset's opener with bounded retries; there are no start checks then (they would read every tar),
+each shard's sample count, size and sha256 are checked as it streams instead.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from torchvision import transforms as T
 from shards.checks import check_wds_split
 from shards.errors import ShardError
 from shards.reader import split_files
+from shards.remote import shard_checks, split_is_remote, split_urls, stream_samples
 
 from .loader import Loader
 from .normalise import Normalise
@@ -128,8 +133,11 @@ class _RankStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls, counts, ext, transform, *, batch_size, train, rank, world_size, seed,
-                 num_batches, num_workers):
+                 num_batches, num_workers, remote=None, checks=None):
         self.urls, self.counts, self.ext, self.transform = urls, counts, ext, transform
+        # shards by URL: read with shards.remote's retries and checks (remote: RemoteOptions, checks:
+        # each shard's (samples, bytes, sha256)); local files: webdataset's tar reader as it is
+        self.remote, self.checks = remote, checks
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.num_batches, self.num_workers = rank, world_size, num_batches, num_workers
         self.state = torch.zeros(2 + num_workers + 1 + num_batches, dtype=torch.int64).share_memory_()
@@ -163,10 +171,13 @@ class _RankStream(torch.utils.data.IterableDataset):
     def _samples(self, shards: list[int], shuffle_seed: int, quota: Optional[int]):
         """Raw (undecoded) samples of ``shards`` in the epoch's order; with a ``quota`` (training) the
         shards cycle until that many samples."""
-        urls = [self.urls[i] for i in shards]
         if quota is not None:
-            urls = urls * max(1, -(-quota // max(1, sum(self.counts[i] for i in shards))))
-        samples = wds.tarfile_samples(({"url": u} for u in urls), handler=raise_shard_error)
+            shards = shards * max(1, -(-quota // max(1, sum(self.counts[i] for i in shards))))
+        urls = [self.urls[i] for i in shards]
+        if self.remote is not None:
+            samples = stream_samples(urls, [self.checks[i] for i in shards], self.remote)
+        else:
+            samples = wds.tarfile_samples(({"url": u} for u in urls), handler=raise_shard_error)
         if self.train:
             samples = wds.shuffle(1000, 100, rng=random.Random(shuffle_seed))(samples)
         return itertools.islice(samples, quota) if quota is not None else samples
@@ -231,11 +242,16 @@ class _RankStream(torch.utils.data.IterableDataset):
 
 class TorchLoader(Loader):
     backend = "torch"
+    streams_urls = True  # shards named by URL are streamed, never cached to disk
 
     def __init__(self, manifest, split, **kw):
         super().__init__(manifest, split, **kw)
-        files = split_files(self.manifest, split, "wds")
-        check_wds_split(self.manifest, split, files, self.rank, self.world_size)
+        remote = split_is_remote(self.manifest, split, "wds") if split in self.manifest["splits"] else False
+        if remote:  # streamed by URL, each shard checked as it streams (shards.remote)
+            files = split_urls(self.manifest, split)
+        else:
+            files = split_files(self.manifest, split, "wds")
+            check_wds_split(self.manifest, split, files, self.rank, self.world_size)
         shards = self.manifest["splits"][split]["wds"]["shards"]
         if self.train and len(files) < self.world_size:  # a rank without shards could not take len() steps
             raise ValueError(f"split {split!r} has {len(files)} webdataset shard(s) for {self.world_size} ranks; "
@@ -245,7 +261,9 @@ class TorchLoader(Loader):
         self._stream = _RankStream([str(f) for f in files], self._counts, self.manifest["splits"][split]["wds"]["ext"],
                                    torchvision_transform(self.preset, to_tensor=False), batch_size=self.batch_size,
                                    train=self.train, rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                   num_batches=len(self), num_workers=self.num_workers)
+                                   num_batches=len(self), num_workers=self.num_workers,
+                                   remote=self.remote if remote else None,
+                                   checks=shard_checks(self.manifest, split) if remote else None)
         # on a CPU the uint8 batch is normalised here in one pass into a fresh float32 tensor
         # (pipelines.normalise; measured cheaper than normalising in the workers); on a GPU after the copy
         self._normalise = Normalise(self.preset.mean, self.preset.std) if self.device.type == "cpu" else None

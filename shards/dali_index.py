@@ -4,24 +4,34 @@ Format v1.2: a header line ``v1.2 <num_samples>``, then one line per sample list
 tar members in archive order, ``<ext> <data offset> <size> <member name>``. Members are grouped into a
 sample by the name up to the first dot after the last slash; non-regular members and hidden names are
 skipped. Offsets come from the tar headers (``TarInfo.offset_data``), so indexing a 1 GB shard reads
-only its headers.
+only its headers; the shard writer gives the same lines from the offsets it wrote at
+(:func:`lines_of_members`), without reading the tar back.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Iterable, Optional
 
 from .errors import ShardError
-from .reader import iter_members, sample_key
+from .reader import is_sample_name, iter_members, sample_key
 
 INDEX_VERSION = "v1.2"
 
 
 def index_lines(tar_path: str) -> list[str]:
     """The lines of ``tar_path``'s index, header included."""
+    return lines_of_members(iter_members(tar_path), tar_path)
+
+
+def lines_of_members(members: Iterable[tuple[str, int, int]], tar_path: str) -> list[str]:
+    """The index lines of a tar whose regular members are ``(name, data offset, size)`` in archive
+    order (names that are no sample, as ``wds2idx`` sees them, are skipped)."""
     samples: list[list[str]] = []
     last = None
-    for name, offset, size in iter_members(tar_path):
+    for name, offset, size in members:
+        if not is_sample_name(name):
+            continue
         base, ext = sample_key(name)
         part = f"{ext} {offset} {size} {name}"
         if base != last:
@@ -34,9 +44,10 @@ def index_lines(tar_path: str) -> list[str]:
     return [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
 
 
-def write_index(tar_path: str, idx_path: str) -> int:
-    """Write the index of ``tar_path`` to ``idx_path`` atomically; return the sample count."""
-    lines = index_lines(tar_path)
+def write_index(tar_path: str, idx_path: str, lines: Optional[list[str]] = None) -> int:
+    """Write the index of ``tar_path`` (its ``lines`` when the caller has them) to ``idx_path``
+    atomically; return the sample count."""
+    lines = index_lines(tar_path) if lines is None else lines
     tmp = idx_path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -41,20 +41,32 @@ def manifest_path(path: Union[str, Path]) -> Path:
     return path / MANIFEST if path.is_dir() else path
 
 
-def load_manifest(path: Union[str, Path]) -> dict:
-    """Load ``manifest.json`` from a file path or the dataset directory that holds it.
+def parse_manifest(data: Union[str, bytes], where: str) -> dict:
+    """A manifest's JSON text, checked (valid JSON of this format version); ``where`` names it in errors."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"corrupt manifest {where}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ShardError(f"{where} has format_version {found}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def load_manifest(path: Union[str, Path], remote=None) -> dict:
+    """Load ``manifest.json`` from a file path or the dataset directory that holds it, or from a URL
+    (``http(s)://.../manifest.json``, ``pipe:CMD {}``; :mod:`shards.remote`, read with the retries of
+    ``remote``, a :class:`shards.remote.RemoteOptions`).
 
     Relative file names in the manifest are resolved against its directory (stored as ``root``).
     """
+    from .remote import is_url, load_manifest_url  # imported here: remote imports this module
+
+    if is_url(path):
+        return load_manifest_url(str(path), remote)
     mpath = manifest_path(path)
     if not mpath.is_file():
         raise ShardError(f"no {MANIFEST} at {path}: run `rmix shards` (make shards) first")
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"corrupt manifest {mpath}: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{mpath} has format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    manifest = parse_manifest(mpath.read_bytes(), str(mpath))
     manifest["root"] = str(mpath.parent.resolve())
     return manifest

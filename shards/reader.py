@@ -81,12 +81,15 @@ def sample_key(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
+def is_sample_name(name: str) -> bool:
+    """A member name with a key (``wds2idx`` skips ``dir/.ext`` and names without one)."""
+    key, _ = sample_key(name)
+    return bool(key) and not key.endswith("/")
+
+
 def _is_sample_member(m: tarfile.TarInfo) -> bool:
     """Regular files with a key: DALI's ``wds2idx`` skips the rest (directories, links, ``dir/.ext``)."""
-    if not m.isreg():
-        return False
-    key, _ = sample_key(m.name)
-    return bool(key) and not key.endswith("/")
+    return m.isreg() and is_sample_name(m.name)
 
 
 @contextmanager

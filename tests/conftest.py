@@ -118,3 +118,24 @@ def cifar10(tmp_path):
 @pytest.fixture
 def imagefolder(tmp_path):
     return write_imagefolder(tmp_path / "imagenet")
+
+
+class Killed(BaseException):
+    """Stands in for a kill -9 mid-job (a BaseException: no ``except Exception`` of ours catches it)."""
+
+
+def die_after_shards(monkeypatch, n: int) -> None:
+    """Make the webdataset writer raise :class:`Killed` right after its ``n``-th shard is complete;
+    ``monkeypatch.undo()`` (or a new setattr) brings the real writer back."""
+    from shards import wds_writer
+
+    real_finish = wds_writer.WdsShardWriter._finish
+    calls = {"n": 0}
+
+    def finish_then_die(self, end):
+        real_finish(self, end)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Killed()
+
+    monkeypatch.setattr(wds_writer.WdsShardWriter, "_finish", finish_then_die)

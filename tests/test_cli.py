@@ -26,8 +26,9 @@ def test_help_lists_every_subcommand():
         assert f"  {name} " in r.stdout
     b = run("bench", "--help")
     assert b.returncode == 0
-    for name in ("loaders", "mix", "shards", "train", "dense"):
+    for name in ("loaders", "mix", "shards", "shards-scale", "train", "dense"):
         assert f"  {name} " in b.stdout
+    assert all(f"  {name} " in b.stdout for name in cli.BENCHES)
 
 
 def test_unknown_command_is_one_clear_line():
@@ -38,7 +39,8 @@ def test_unknown_command_is_one_clear_line():
     b = run("bench", "--mix-only")
     assert b.returncode != 0
     assert b.stderr.strip().splitlines() == [
-        "rmix bench: unknown benchmark '--mix-only'; choose one of: loaders, mix, shards, train, dense"]
+        f"rmix bench: unknown benchmark '--mix-only'; choose one of: {', '.join(cli.BENCHES)}"]
+    assert list(cli.BENCHES)[:6] == ["loaders", "mix", "shards", "shards-scale", "train", "dense"]
 
 
 def test_bench_mix_runs_the_mix_benchmark(capsys):

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import WNIDS, write_cifar100, write_imagefolder
+from conftest import WNIDS, Killed, die_after_shards, write_cifar100, write_imagefolder
 from shards.build import ShardParams, build
 from shards.errors import ShardError
 from shards.manifest import load_manifest, sha256_file, write_json_atomic
 from shards.reader import iter_tar, split_files
 from shards.sources import image_key
 from shards.verify import verify
-from shards import wds_writer
 
 
 def shard(dataset, src, out, **kw):
@@ -179,25 +178,13 @@ def test_kill_and_resume_gives_the_same_shards(tmp_path, cifar10, monkeypatch):
     whole = tmp_path / "whole"
     shard("cifar10", src, whole, samples_per_shard=7, formats=["wds"])
 
-    class Killed(BaseException):
-        pass
-
-    real_finish = wds_writer.WdsShardWriter._finish
-    calls = {"n": 0}
-
-    def finish_then_die(self, end):
-        real_finish(self, end)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Killed()
-
-    monkeypatch.setattr(wds_writer.WdsShardWriter, "_finish", finish_then_die)
+    die_after_shards(monkeypatch, 3)
     part = tmp_path / "part"
     with pytest.raises(Killed):
         shard("cifar10", src, part, samples_per_shard=7, formats=["wds"])
     assert not (part / "cifar10" / "manifest.json").exists()
     assert (part / "cifar10" / ".progress.json").exists()
-    monkeypatch.setattr(wds_writer.WdsShardWriter, "_finish", real_finish)
+    monkeypatch.undo()
     shard("cifar10", src, part, samples_per_shard=7, formats=["wds"])
 
     def files(root):

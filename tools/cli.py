@@ -1,14 +1,17 @@
 """The ``rmix`` console script: the top floor, above ``trainers/``; every subcommand is a plain import.
 
     rmix shards           dataset -> webdataset (+ DALI index) and FFCV shards    (shards/)
+    rmix shards merge     the parts of a job split with --part K/N -> one manifest  (shards/)
     rmix verify           re-read shards against their manifest                     (shards/)
     rmix train            train a classifier with the seed's flags                  (trainers/)
     rmix demo             shard the embedded digits, train with RecursiveMix        (make demo)
     rmix bench loaders    loader throughput, every backend side by side            (pipelines/)
     rmix bench mix        per-batch cost of each mix                                (rmix/)
     rmix bench shards     sharding throughput beside tar -cf                        (shards/)
+    rmix bench shards-scale  time to first shard and memory vs file count           (shards/)
     rmix bench train      the trainer fed by the loader vs by pre-made batches      (trainers/)
     rmix bench dense      DALI detection/segmentation loaders vs mmdet/mmseg's       (pipelines/)
+    rmix bench remote     shards over HTTP (streamed / node-local cache) vs from disk (shards/remote)
     rmix export-backbone  trainer checkpoint -> mmpretrain-layout ResNet-50         (trainers/mm)
     rmix mm train|test    mmdet / mmseg runs with our backbone                      (trainers/mm)
 
@@ -20,11 +23,11 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "shards": "write webdataset/FFCV shards and a manifest from CIFAR, ImageNet or digits",
+    "shards": "write webdataset/FFCV shards and a manifest from CIFAR, ImageNet or digits (merge: join --part jobs)",
     "verify": "re-read every shard against its manifest",
     "train": "train a classifier (the seed's flags)",
     "demo": "shard the embedded digits and train with RecursiveMix",
-    "bench": "benchmarks: loaders | mix | shards | train | dense",
+    "bench": "benchmarks: loaders | mix | shards | shards-scale | train | dense | remote",
     "export-backbone": "export a trainer checkpoint's ResNet-50 for mmdet/mmseg",
     "mm": "mmdet/mmseg: train | test a config with our backbone",
 }
@@ -32,8 +35,10 @@ BENCHES = {
     "loaders": "loader throughput: every backend x mix, beside the libraries they wrap",
     "mix": "per-batch cost of each mix",
     "shards": "sharding throughput beside tar -cf",
+    "shards-scale": "rmix shards on 50k-200k files: time to first shard, peak memory, shards/min",
     "train": "the trainer fed by the loader vs by pre-made batches",
     "dense": "detection / segmentation: our DALI loaders vs mmdet's / mmseg's own, RM off and on",
+    "remote": "shards over HTTP (torch streamed, DALI via the node-local cache) vs from disk",
 }
 
 
@@ -45,7 +50,7 @@ def _usage(commands: dict, head: str) -> str:
 
 def bench(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(BENCHES, "usage: rmix bench {loaders,mix,shards,train,dense} [options]"))
+        print(_usage(BENCHES, "usage: rmix bench {loaders,mix,shards,shards-scale,train,dense,remote} [options]"))
         return
     name, rest = argv[0], argv[1:]
     if name == "loaders":
@@ -57,12 +62,18 @@ def bench(argv: list[str]) -> None:
     elif name == "shards":
         from tools.bench import shards
         shards.main(rest)
+    elif name == "shards-scale":
+        from tools.bench import shards_scale
+        shards_scale.main(rest)
     elif name == "train":
         from tools.bench import train
         train.main(rest)
     elif name == "dense":
         from tools.bench import dense
         dense.main(rest)
+    elif name == "remote":
+        from tools.bench import remote
+        remote.main(rest)
     else:
         sys.exit(f"rmix bench: unknown benchmark {name!r}; choose one of: {', '.join(BENCHES)}")
 

@@ -1,4 +1,5 @@
-"""``rmix shards`` / ``make shards``: the command line of :func:`shards.build.build`."""
+"""``rmix shards`` / ``make shards``: the command line of :func:`shards.build.build`;
+``rmix shards merge OUT/<dataset>``: of :func:`shards.build.merge` (the parts of ``--part K/N`` jobs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from shards.build import DATASETS, FORMATS, ShardParams, build
+from shards.build import DATASETS, FORMATS, ShardParams, build, merge
 from shards.errors import ShardError
 from shards.ffcv_writer import WRITE_MODES
 
@@ -35,7 +36,10 @@ def _csv(choices):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rmix shards", description="Write webdataset (+ DALI .idx) and FFCV shards with a manifest.")
+    p = argparse.ArgumentParser(
+        prog="rmix shards", description="Write webdataset (+ DALI .idx) and FFCV shards with a manifest.",
+        epilog="Across machines: run the same command with --part K/N on each (K = 0..N-1), then "
+               "`rmix shards merge OUT/<dataset>` once, where all parts' files are.")
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--src", type=Path, help="dataset directory (CIFAR dir or its parent; ImageNet root with train/ val/); not for digits")
     p.add_argument("--out", type=Path, required=True, help="output root; shards go to OUT/<dataset>/")
@@ -51,11 +55,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ffcv-write-mode", choices=WRITE_MODES, help="default: raw for CIFAR/digits, proportion for ImageNet")
     p.add_argument("--ffcv-max-resolution", type=int, help="longer side of images in the beton (>= 1)")
     p.add_argument("--ffcv-compress-probability", type=float, default=0.5, help="in [0, 1]")
+    p.add_argument("--part", metavar="K/N", help="write only part K (0..N-1) of N of the webdataset shards "
+                   "(needs --samples-per-shard and --formats wds); then `rmix shards merge OUT/<dataset>`")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+def merge_main(argv) -> None:
+    p = argparse.ArgumentParser(
+        prog="rmix shards merge", description="Check the parts of an `rmix shards --part K/N` job and write its manifest.")
+    p.add_argument("root", type=Path, help="OUT/<dataset>, holding every part's wds/ and parts/ files")
+    args = p.parse_args(argv)
+    try:
+        manifest = merge(args.root)
+    except ShardError as e:
+        sys.exit(f"rmix shards merge: {e}")
+    total = sum(s["num_samples"] for s in manifest["splits"].values())
+    shards = sum(len(s.get("wds", {}).get("shards", [])) for s in manifest["splits"].values())
+    print(f"rmix shards merge: {args.root}/manifest.json: {total} samples in {shards} shards")
+
+
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "merge":
+        return merge_main(argv[1:])
     args = parser().parse_args(argv)
     params = ShardParams(
         dataset=args.dataset, splits=args.split, formats=args.formats,
@@ -64,11 +87,18 @@ def main(argv=None) -> None:
         ffcv_max_resolution=args.ffcv_max_resolution, ffcv_compress_probability=args.ffcv_compress_probability,
     )
     try:  # every flag is checked by build() (ShardParams.validate), so library callers get the same checks
-        manifest = build(params, args.src, args.out, workers=args.workers, progress=not args.no_progress)
+        manifest = build(params, args.src, args.out, workers=args.workers, progress=not args.no_progress,
+                         part=args.part)
     except ShardError as e:
         sys.exit(f"rmix shards: {e}")
     except KeyboardInterrupt:
         sys.exit("rmix shards: interrupted; rerun the same command to resume")
+    if "part" in manifest:
+        k, n = manifest["part"]
+        shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+        print(f"rmix shards: part {k}/{n}: {shards} shards in {args.out / args.dataset}/wds, "
+              f"{manifest.get('seconds', 0):.1f} s; when all {n} are done: rmix shards merge {args.out / args.dataset}")
+        return
     total = sum(s["num_samples"] for s in manifest["splits"].values())
     rej = sum(s["rejected"] for s in manifest["splits"].values())
     print(f"rmix shards: {args.out / args.dataset}/manifest.json: {total} samples, {rej} rejected, "

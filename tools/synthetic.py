@@ -1,12 +1,14 @@
 """Synthetic datasets in the real on-disk formats, for benchmarks (no downloads here).
 
 ``write_cifar_like`` writes a CIFAR-10 ``cifar-10-batches-py`` directory of any size;
-``write_imagefolder_like`` writes an ImageNet ImageFolder tree of JPEGs with random sizes.
+``write_imagefolder_like`` writes an ImageNet ImageFolder tree of JPEGs with random sizes;
+``write_tiny_imagefolder`` one of many tiny JPEGs (what grows with the file count, not decode time).
 Images are smooth noise so PNG/JPEG sizes are realistic rather than trivially compressible.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -61,5 +63,29 @@ def write_imagefolder_like(root: Path, n_train: int = 2000, n_val: int = 200, cl
             d.mkdir(parents=True, exist_ok=True)
             h, w = (int(v) for v in rng.integers(side[0], side[1] + 1, 2))
             Image.fromarray(_smooth_noise(rng, h, w)).save(d / f"n{c:08d}_{i}.JPEG", quality=90)
+    (root / ".complete").write_text("ok")
+    return root
+
+
+def write_tiny_imagefolder(root: Path, classes: int = 1000, per_class: int = 200, side: int = 16,
+                           seed: int = 0, empty: bool = False) -> Path:
+    """``root/train/<wnid>/<wnid>_<i>.JPEG``: ``classes * per_class`` tiny valid JPEGs, for measuring
+    what grows with the number of files (listing, the index, the plan) rather than decode time.
+    One JPEG is encoded per class and written to each of its files (``empty``: zero-byte files, for
+    listing alone); written once (``.complete``)."""
+    root = Path(root)
+    if (root / ".complete").is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        wnid = f"n{c:08d}"
+        d = root / "train" / wnid
+        d.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(_smooth_noise(rng, side, side)).save(buf, format="JPEG", quality=90)
+        data = b"" if empty else buf.getvalue()
+        for i in range(per_class):
+            with open(d / f"{wnid}_{i}.JPEG", "wb") as f:
+                f.write(data)
     (root / ".complete").write_text("ok")
     return root

@@ -13,7 +13,8 @@ every step go back to the loader (``record_logits``) as the next step's history.
 
 Exit status: 0 when the run finished (or stopped at ``--stop_after_steps``), 1 with one line on bad
 input, ``EXIT_PREEMPTED`` (143) after SIGTERM once ``latest.pth`` is saved, so a scheduler requeues
-the job instead of counting it as done.
+the job instead of counting it as done, ``EXIT_PEER_LOST`` (75) with one line naming the lost rank when
+a peer died or hung for ``--dist_timeout`` seconds (``trainers.peers``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,6 +49,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, res
                          save_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig, parse_config
 from .models import build_model
+from .peers import EXIT_PEER_LOST, announce, is_peer_failure, lost_line, restart_warning, roll_call
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the shell's code for "terminated", after latest.pth is saved
 
@@ -86,13 +89,19 @@ def resolve_device(spec: str, local_rank: int, world: int) -> torch.device:
 
 
 def setup_distributed(cfg: TrainConfig):
-    """Rank, world size and device from the torchrun environment; NCCL on GPU, gloo on CPU."""
+    """Rank, world size and device from the torchrun environment; NCCL on GPU, gloo on CPU. Collectives
+    wait at most ``--dist_timeout`` seconds for a peer (gloo's default is 30 minutes, NCCL's 10)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)), world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.dist_timeout))
+        where = announce(rank)  # for the roll call that names a lost peer (trainers.peers)
+        print(f"rank {rank} of {world}: {where}, local rank {os.environ.get('LOCAL_RANK', 0)}", flush=True)
+        if rank == 0 and restart_warning():
+            print(restart_warning(), flush=True)
     return rank, world, device
 
 
@@ -257,8 +266,9 @@ def train_one_epoch(ddp_model, loader, optimizer, scaler, cfg: TrainConfig, epoc
 
 
 @torch.no_grad()
-def evaluate(ddp_model, loader, device: torch.device, world: int = 1, autocast=nullcontext) -> tuple[float, float]:
-    """Top-1 / top-5 accuracy in percent over the whole split; each sample counts once across ranks."""
+def evaluate(ddp_model, loader, device: torch.device, world: int = 1, autocast=nullcontext) -> tuple[float, float, int]:
+    """Top-1 / top-5 accuracy in percent over the whole split, and the number of samples counted: each
+    sample counts once across ranks, so it is the split's size."""
     ddp_model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with autocast():
@@ -266,7 +276,7 @@ def evaluate(ddp_model, loader, device: torch.device, world: int = 1, autocast=n
             sums[:2] += topk_correct(ddp_model(b.images), b.labels)
             sums[2] += b.labels.shape[0]
     c1, c5, n = reduce_sum(sums.tolist(), device, world)
-    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
+    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n)
 
 
 # -- building blocks of run() -----------------------------------------------------------------------
@@ -289,6 +299,19 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def resolve_resume(cfg: TrainConfig, out_dir: Path, world: int) -> str:
+    """``--resume`` as given, except ``auto``: ``latest`` when the run folder holds one, else "" (a fresh
+    start). Rank 0 looks and every rank follows, so the ranks never disagree on whether they resume."""
+    if cfg.resume != "auto":
+        return cfg.resume
+    resume = "latest" if cfg.evaluate or resolve_path(out_dir, "latest").is_file() else ""
+    if world > 1:
+        decided = [resume]
+        dist.broadcast_object_list(decided, src=0)
+        resume = decided[0]
+    return resume
+
+
 def append_metrics(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -304,6 +327,16 @@ def main(argv=None) -> None:
         result = run(cfg)
     except (ConfigError, ShardError, CheckpointError) as e:
         sys.exit(f"rmix train: {e}")
+    except Exception as e:
+        if not (dist.is_initialized() and is_peer_failure(e)):
+            raise
+        # a peer died or hung: name it and leave (SIGTERM's default action is back, so torchrun can stop us)
+        rank, grace = dist.get_rank(), min(5.0, cfg.dist_timeout)
+        silent = roll_call(rank, dist.get_world_size(), grace)
+        if silent == {}:
+            raise  # every rank is alive: a failure of the collective itself, with its traceback
+        print(lost_line(rank, e, silent, grace), file=sys.stderr, flush=True)
+        sys.exit(EXIT_PEER_LOST)
     if result.get("preempted"):
         sys.exit(EXIT_PREEMPTED)
 
@@ -323,7 +356,7 @@ def run(cfg: TrainConfig) -> dict:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     # -- data: the loaders own the mix and its history ------------------------------------------
-    manifest = load_manifest(cfg.data_dir)
+    manifest = load_manifest(cfg.data_dir, cfg.remote())  # a folder, or a URL (shards/remote.py)
     if manifest["dataset"] != cfg.data:
         raise ConfigError(f"--data {cfg.data} but {cfg.data_dir} holds {manifest['dataset']}")
     num_classes = manifest["num_classes"]
@@ -332,7 +365,8 @@ def run(cfg: TrainConfig) -> dict:
     per_rank = cfg.batch_size // world
     preset = ("imagenet_train_plus" if cfg.aug_plus else "imagenet_train") if cfg.data == "imagenet" else None
     common = dict(backend=cfg.loader, device=device, rank=rank, world_size=world, seed=cfg.random_seed,
-                  channels_last=cfg.channels_last, num_workers=max(1, -(-cfg.num_workers // world)))
+                  channels_last=cfg.channels_last, num_workers=max(1, -(-cfg.num_workers // world)),
+                  remote=cfg.remote())
     train_loader = build_loader(manifest, "train", batch_size=per_rank, train=True, preset=preset,
                                 mix=build_train_mix(cfg, num_classes, rank), **common)
     val_loader = build_loader(manifest, "val", batch_size=per_rank, train=False, **common)
@@ -360,12 +394,19 @@ def run(cfg: TrainConfig) -> dict:
 
     # -- resume ----------------------------------------------------------------------------------
     state, start_epoch, mid_epoch = RunState(), 1, False
-    if cfg.resume:
-        path = resolve_path(out_dir, cfg.resume)
+    resume = resolve_resume(cfg, out_dir, world)
+    # torchrun --max-restarts restarted this node's workers (counted per node: the other nodes' agents restart
+    # theirs too, with their count unchanged, so each rank says it for itself)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restart and not resume:
+        print(f"rank {rank}: torchrun restart {restart} without --resume: training starts over "
+              f"(--resume auto continues from {out_dir / 'latest.pth'})", flush=True)
+    if resume:
+        path = resolve_path(out_dir, resume)
         ckpt = load_checkpoint(path, map_location=device)
         load_model_state(model, ckpt, path, cfg.to_dict())
         if cfg.evaluate:  # weights are all an evaluation needs
-            acc1, acc5 = evaluate(ddp_model, val_loader, device, world, autocast)
+            acc1, acc5, _ = evaluate(ddp_model, val_loader, device, world, autocast)
             log(f"Epoch(val) [{ckpt['epoch']}]\tTest Acc@1: {acc1:.4f}\tTest Acc@5: {acc5:.4f}")
             return {"acc1": acc1, "acc5": acc5}
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -409,7 +450,7 @@ def run(cfg: TrainConfig) -> dict:
         return bool(flag.item())
 
     metrics_path = out_dir / "metrics.csv"
-    if master and not cfg.resume and metrics_path.exists():
+    if master and not resume and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
     tb = None
     if master:
@@ -432,13 +473,13 @@ def run(cfg: TrainConfig) -> dict:
                                   world=world, autocast=autocast, log=log, should_stop=should_stop, master=master)
             mid_epoch = False
             save("latest", epoch, in_epoch=False)
-            acc1, acc5 = evaluate(ddp_model, val_loader, device, world, autocast)
+            acc1, acc5, n_val = evaluate(ddp_model, val_loader, device, world, autocast)
             if acc1 >= state.best["acc1"]:
                 state.best = {"acc1": acc1, "acc5": acc5, "epoch": epoch}
                 if cfg.save_model:
                     save("best", epoch, in_epoch=False)
-            row = dict(epoch=epoch, **row, val_acc1=acc1, val_acc5=acc5)
-            result = dict(row, best_acc1=state.best["acc1"], best_acc5=state.best["acc5"])
+            row = dict(epoch=epoch, **row, val_acc1=acc1, val_acc5=acc5, val_samples=n_val)
+            result = dict(row, best_acc1=state.best["acc1"], best_acc5=state.best["acc5"], step=state.step)
             if master:
                 append_metrics(metrics_path, row)
                 for k, v in row.items():

@@ -17,6 +17,7 @@ from pipelines import BACKENDS
 from rmix import MIXES
 from rmix.recursive_mix import BOX_MODES, INTERPOLATIONS
 from shards.build import DATASETS
+from shards.remote import RemoteOptions
 
 
 class ConfigError(ValueError):
@@ -35,7 +36,8 @@ class TrainConfig:
     # -- the seed's flags (implus/RecursiveMix-pytorch main.py) ------------------------------------
     name: str = _f("run", "experiment name: logs and checkpoints go to SAVE_DIR/DATA/NAME")
     data: str = _f("digits", "dataset", choices=DATASETS)
-    data_dir: str = _f("data/shards/digits", "output of `make shards` for this dataset (holds manifest.json)")
+    data_dir: str = _f("data/shards/digits", "output of `make shards` for this dataset (holds manifest.json), or its "
+                       "URL: http(s)://.../manifest.json, or 'pipe:CMD' with {} for each file's path")
     save_dir: str = _f("./logs", "root of logs and checkpoints")
     model_file: str = _f("resnet", "model family (resnet, pyramidnet, small)")
     model_name: str = _f("resnet18", "model in the family (resnet18, resnet50, pyramidnet_200_240, small_cnn, ...)")
@@ -55,7 +57,8 @@ class TrainConfig:
     print_freq: int = _f(100, "log a line every N steps")
     random_seed: int = _f(27, "seed of model init, loaders and mixes")
     num_workers: int = _f(16, "decode workers in total, divided by the world size as in the seed")
-    resume: str = _f("", "checkpoint to resume from: best, latest or a path")
+    resume: str = _f("", "checkpoint to resume from: best, latest, a path, or auto (latest when the run folder "
+                         "holds one, else start fresh: for requeued jobs and torchrun --max-restarts)")
     evaluate: bool = _f(False, "only evaluate (with --resume) and print Acc@1/Acc@5")
     aug: str = _f("none", "batch mix", choices=tuple(MIXES))
     aug_alpha: float = _f(0.5, "alpha of the mix (RM: box side = sqrt(U(0, alpha)))")
@@ -71,7 +74,17 @@ class TrainConfig:
     rm_box: str = _f("batch", "RM box per batch (seed) or per sample", choices=BOX_MODES)
     keep_history: bool = _f(False, "RM: keep the history across epochs (seed resets it)")
     stop_after_steps: int = _f(0, "save latest and exit after this many steps in total (a scheduled preemption)")
+    # shards by URL (shards/remote.py): retries, and the node-local cache of the dali/ffcv/memory loaders
+    shard_retries: int = _f(3, "attempts after the first before a shard read by URL fails the run")
+    shard_retry_wait: float = _f(1.0, "seconds before the first retry, doubled for each next (at most 60)")
+    shard_timeout: float = _f(60.0, "shards by URL: an attempt fails after this many seconds waiting for data")
+    skip_failed_shards: bool = _f(False, "log and skip a shard that still fails after its retries (default: stop)")
+    shard_cache: str = _f("", "node-local cache of the dali/ffcv/memory loaders for shards by URL "
+                              "(default: $RMIX_SHARD_CACHE, else ~/.cache/rmix/shards)")
+    shard_cache_max_gb: float = _f(0.0, "evict other datasets from the shard cache above this size (0: no limit)")
     progress: bool = _f(True, "progress bar on a terminal (off a terminal only the log lines are printed)", type="bool")
+    dist_timeout: float = _f(300.0, "DDP: seconds a collective waits for a peer before this rank gives up on it "
+                                  "(a lost node ends the job within about this long)")
     # accepted for the seed's launcher, ignored: torchrun sets the environment instead
     local_rank: int = _f(-1, argparse.SUPPRESS)
     ddp: Optional[str] = _f(None, argparse.SUPPRESS)
@@ -92,6 +105,10 @@ class TrainConfig:
             ("print_freq", self.print_freq, self.print_freq >= 1, ">= 1"),
             ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0"),
             ("stop_after_steps", self.stop_after_steps, self.stop_after_steps >= 0, ">= 0"),
+            ("shard_retries", self.shard_retries, self.shard_retries >= 0, ">= 0"),
+            ("shard_retry_wait", self.shard_retry_wait, self.shard_retry_wait >= 0, ">= 0"),
+            ("shard_timeout", self.shard_timeout, self.shard_timeout > 0, "> 0"),
+            ("shard_cache_max_gb", self.shard_cache_max_gb, self.shard_cache_max_gb >= 0, ">= 0"),
         ):
             if not ok:
                 raise ConfigError(f"--{flag} must be {rule}, got {value}")
@@ -105,9 +122,17 @@ class TrainConfig:
             raise ConfigError(f"--aug_alpha for recursive_mix must be in (0, 1], got {self.aug_alpha}")
         if self.aug != "recursive_mix" and self.share_fc:
             raise ConfigError("--share_fc only applies to --aug recursive_mix")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"--dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if not 0 <= self.smoothing < 1:
             raise ConfigError(f"--smoothing must be in [0, 1), got {self.smoothing}")
         return self
+
+    def remote(self) -> RemoteOptions:
+        """How the loaders read a dataset named by URL (the ``--shard_*`` flags)."""
+        return RemoteOptions(retries=self.shard_retries, retry_wait=self.shard_retry_wait, timeout=self.shard_timeout,
+                             skip_failed_shards=self.skip_failed_shards, cache_dir=self.shard_cache,
+                             cache_max_gb=self.shard_cache_max_gb)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
