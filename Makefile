@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-stamp
 
-APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev curl
 
 DATASET ?= digits
 SRC     ?=
@@ -17,7 +17,7 @@ BENCH_ARGS  ?=
 
 .PHONY: setup apt test demo shards bench clean
 
-# apt packages FFCV compiles against; installed only when root and missing.
+# apt packages FFCV compiles against (and curl, which streams http(s) shards: shards/remote.py); installed only when root and missing.
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
