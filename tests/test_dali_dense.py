@@ -373,6 +373,20 @@ def test_unsupported_transform_is_one_line(data, tmp_path):
         build_mm_loader(cfg.train_dataloader, train=True, device="cpu")
 
 
+def test_segmentation_config_reaches_the_loader(data, tmp_path):
+    """cat_max_ratio comes from the config's RandomCrop; a non-default PhotoMetricDistortion is one line."""
+    from trainers.mm.dali_loop import DaliLoaderError, build_mm_loader
+
+    cfg = _config(tmp_path, UPERNET_TINY, CONFIGS / "upernet_r50_8xb2-80k_ade20k-512x512.py", data["ade"])
+    loader = build_mm_loader(cfg.train_dataloader, train=True, device="cpu").loader
+    assert loader.cat_max_ratio == 0.75 and loader.photometric and loader.crop == (128, 128)
+    cfg.train_dataloader.dataset.pipeline[3] = dict(type="RandomCrop", crop_size=(128, 128))
+    assert build_mm_loader(cfg.train_dataloader, train=True, device="cpu").loader.cat_max_ratio == 1.0
+    cfg.train_dataloader.dataset.pipeline[5] = dict(type="PhotoMetricDistortion", hue_delta=9)
+    with pytest.raises(DaliLoaderError, match="PhotoMetricDistortion with mmseg's defaults"):
+        build_mm_loader(cfg.train_dataloader, train=True, device="cpu")
+
+
 def _train_and_compare(cfg, scope: str, metric: str):
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner, ValLoop

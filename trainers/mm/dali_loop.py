@@ -43,6 +43,8 @@ DET_TRANSFORMS = ("LoadImageFromFile", "LoadAnnotations", "Resize", "RandomFlip"
 SEG_TRANSFORMS = ("LoadImageFromFile", "LoadAnnotations", "RandomResize", "Resize", "RandomCrop", "RandomFlip",
                   "PhotoMetricDistortion", "PackSegInputs")
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+# mmseg's PhotoMetricDistortion defaults: what pipelines.seg_host (and the DALI graph) implement
+PHOTOMETRIC_DEFAULTS = dict(brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta=18)
 
 
 class DaliLoaderError(ValueError):
@@ -204,6 +206,11 @@ def build_mm_loader(loader_cfg, *, train: bool, device="auto", rank: int = 0, wo
         if isinstance(crop_size, int):
             crop_size = (crop_size, crop_size)
         flip = t.get("RandomFlip")
+        photometric = t.get("PhotoMetricDistortion")
+        if photometric and any(k != "type" and (tuple(v) if isinstance(v, (list, tuple)) else v) != PHOTOMETRIC_DEFAULTS.get(k)
+                               for k, v in photometric.items()):
+            raise DaliLoaderError(f"--loader dali runs PhotoMetricDistortion with mmseg's defaults "
+                                  f"{PHOTOMETRIC_DEFAULTS}, the config sets {dict(photometric)}: use the stock loader")
         mix = None
         if rm_alpha and train:
             from rmix.dense import SegRecursiveMix
@@ -213,7 +220,8 @@ def build_mm_loader(loader_cfg, *, train: bool, device="auto", rank: int = 0, wo
                                   osp.join(root, prefix.get("seg_map_path", "")), scale=tuple(resize["scale"]),
                                   ratio_range=tuple(resize.get("ratio_range", (1.0, 1.0))),
                                   crop=crop_size, flip_prob=float(flip.get("prob", 0.5)) if flip else 0.0,
-                                  photometric="PhotoMetricDistortion" in t, reduce_zero_label=bool(reduce),
+                                  photometric=photometric is not None, reduce_zero_label=bool(reduce),
+                                  cat_max_ratio=float(crop.get("cat_max_ratio", 1.0)) if crop else 1.0,
                                   img_suffix=ds.get("img_suffix", ".jpg"), seg_suffix=ds.get("seg_map_suffix", ".png"),
                                   mix=mix, **common)
         return MMDaliLoader(loader, metainfo)
