@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from .dali import dali_device_id
-from .loader import resolve_device
+from .loader import one_torch_thread, resolve_device
 from .seeds import derive_seed
 
 try:
@@ -213,17 +213,8 @@ class DenseDaliLoader:
     def __iter__(self) -> Iterator[dict]:
         for out in self.iterator:
             self.position += 1
-            if self._device_id is not None:
-                yield self._batch(out[0])
-                continue
-            # on the CPU, DALI's threads decode the next batches meanwhile: torch's intra-op threads would
-            # only contend with them (as pipelines.loader); the caller gets its thread count back
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with one_torch_thread(self._device_id is None):  # DALI's threads decode the next batches meanwhile
                 batch = self._batch(out[0])
-            finally:
-                torch.set_num_threads(threads)
             yield batch
         self.set_epoch(self.epoch + 1)
 

@@ -23,6 +23,8 @@ node-local shard cache, downloaded and verified here before the backend sees it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 import re
 from typing import Any, Iterator, Optional
@@ -69,6 +71,25 @@ def resolve_device(device="auto") -> torch.device:
     if index >= count:
         raise ValueError(f"device={spec!r}, but this machine has {count} CUDA device(s): use cuda:0..cuda:{count - 1}")
     return torch.device("cuda", index)
+
+
+@contextmanager
+def one_torch_thread(enabled: bool = True):
+    """Run the block on one torch intra-op thread, then give the caller its thread count back.
+
+    For the work after a loader's iterator on a CPU: the decoder's threads (DALI, FFCV) or worker
+    processes (torch) are decoding the next batches meanwhile, and torch's own threads would only contend
+    with them for the same cores (RecursiveMix cost 17 % -> 8 % of DALI's throughput in rmix bench).
+    """
+    if not enabled:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Loader:
@@ -166,19 +187,8 @@ class Loader:
         one_thread = self.device.type == "cpu" and self.decodes_in_parallel
         for images, labels in self._batches(self.position):
             self.position += 1
-            if not one_thread:
-                yield self._finish(images, labels)
-                continue
-            # On the CPU the decoder's threads (DALI, FFCV) or worker processes (torch) are decoding the
-            # next batches while this runs: torch's own intra-op threads would only contend with them
-            # for the same cores (RecursiveMix cost 17 % -> 8 % of DALI's throughput in rmix bench).
-            # The trainer gets its thread count back before it sees the batch.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with one_torch_thread(one_thread):
                 batch = self._finish(images, labels)
-            finally:
-                torch.set_num_threads(threads)
             yield batch
         # a full pass ends the epoch: the next iteration is the next epoch
         self.set_epoch(self.epoch + 1)

@@ -69,7 +69,8 @@ class MMDaliLoader:
         self.batch_size = loader.batch_size
         self.dataset = _DatasetInfo(metainfo, loader.num_samples)
         self.sampler = self  # mmengine calls dataloader.sampler.set_epoch(epoch)
-        self._pending_mix: Optional[tuple[int, dict, bool]] = None
+        self._pending_mix: Optional[tuple[dict, bool]] = None  # (state, reset), loaded after _skip more batches
+        self._skip = 0
 
     @property
     def mix(self):
@@ -81,27 +82,21 @@ class MMDaliLoader:
         resume re-draws the batches a run already trained on (mixing them again) before the first new one,
         which must then be mixed with the history and generator of the checkpoint. ``reset``: the
         checkpoint sits on an epoch boundary, so the history is dropped as ``set_epoch`` would."""
-        self._pending_mix = (int(skip), state, bool(reset))
+        self._pending_mix, self._skip = (state, bool(reset)), int(skip)
 
     def __iter__(self):
-        for batch in self._batches():
-            yield batch
-
-    def _batches(self):
-        it = iter(self.loader)
+        batches = iter(self.loader)
         while True:
-            if self._pending_mix is not None and self._pending_mix[0] <= 0:
-                _, state, reset = self._pending_mix
+            if self._pending_mix is not None and self._skip <= 0:
+                state, reset = self._pending_mix
                 self._pending_mix = None
                 self.loader.mix.load_state_dict(state)
                 if reset and not self.loader.mix.keep_history_across_epochs:
                     self.loader.mix.reset()
-            try:
-                batch = next(it)
-            except StopIteration:
+            batch = next(batches, None)
+            if batch is None:
                 return
-            if self._pending_mix is not None:
-                self._pending_mix = (self._pending_mix[0] - 1,) + self._pending_mix[1:]
+            self._skip -= 1
             yield batch
 
     def __len__(self) -> int:
