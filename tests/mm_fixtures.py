@@ -111,3 +111,19 @@ HAVE_MM = _have_mm()
 if not HAVE_MM and os.environ.get("CI"):
     raise RuntimeError("the OpenMMLab stack is missing under CI: `make test` runs `make setup-mm` first")
 needs_mm = pytest.mark.skipif(not HAVE_MM, reason="OpenMMLab stack not installed: run `make setup-mm`")
+
+
+def own_singletons(cfg) -> None:
+    """Give an in-process mmengine Runner its own logger and visualizer.
+
+    mmengine keeps them as process-wide singletons, named by the launch second and by the config's
+    ``visualizer.name`` ('visualizer' in mmdet's and mmseg's runtime configs). A second Runner in the same
+    process would get the first one's visualizer, which writes into the first run's folder: one pytest
+    has already deleted when the first test passed.
+    """
+    import uuid
+
+    name = f"rmix-test-{uuid.uuid4().hex}"
+    cfg.experiment_name = name
+    if cfg.get("visualizer") is not None:
+        cfg.visualizer.name = name
