@@ -74,22 +74,60 @@ def nearest_index(out_len: int, in_len: int, device: torch.device) -> torch.Tens
     return idx
 
 
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba comes with FFCV, which the Makefile installs
+    numba = None
+
+if numba is not None:
+    @numba.njit(nogil=True, cache=False)
+    def _paste_nearest(dst, src, rows, cols, y1, x1):  # pragma: no cover - compiled
+        for n in range(dst.shape[0]):
+            for c in range(dst.shape[1]):
+                for i in range(rows.shape[0]):
+                    s = src[n, c, rows[i]]
+                    d = dst[n, c, y1 + i]
+                    for j in range(cols.shape[0]):
+                        d[x1 + j] = s[cols[j]]
+else:  # pragma: no cover
+    _paste_nearest = None
+_CPU_KERNEL = [_paste_nearest]  # the tests swap in [None] for torch's path
+
+
+def _cpu_nearest_kernel():
+    """numba's compiled nearest paste (uint8, any strides), or None without numba."""
+    return _CPU_KERNEL[0]
+
+
 def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: str) -> None:
     """In place: the whole of each ``src[i]`` resized into the same ``box`` of ``dst[i]``.
 
-    A uint8 batch with nearest resize gathers the box's rows and then its columns from ``src`` (rows with
-    ``index_select``, columns with ``index_select`` on a GPU and numpy's ``take`` on the CPU): on the CPU
-    ``upsample_nearest2d`` has no fast uint8 kernel and is several times slower; float keeps
-    ``F.interpolate`` (its gather along the last axis is the faster one).
+    Nearest on a uint8 CPU batch is one compiled pass (numba) that reads each pasted pixel from its nearest
+    source pixel and writes it straight into the box: no temporary batch, no torch threads. Torch's own
+    ops are slower there (``upsample_nearest2d`` has no fast uint8 kernel, ``index_select`` along the last
+    axis copies byte by byte, and both wake the OpenMP pool that DALI's threads share the cores with);
+    without numba they remain the path. On a GPU a uint8 batch gathers the box's rows and then its columns
+    with ``index_select``; float keeps ``F.interpolate``. Every path equals ``F.interpolate(mode='nearest')``
+    bit for bit.
     """
     x1, y1, x2, y2 = (int(v) for v in box)
     if x2 <= x1 or y2 <= y1:
         return  # zero-area box: nothing to paste (the seed would call interpolate with size 0)
-    if mode != "nearest" or src.is_floating_point():
+    if mode != "nearest":
         dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
         return
     rows = nearest_index(y2 - y1, src.shape[2], src.device)
     cols = nearest_index(x2 - x1, src.shape[3], src.device)
+    # uint8 only: with a float32 batch from DALI's CPU graph, a later fork (a DataLoader's workers) crashed
+    # in the test suite, which we could not explain; the float path keeps F.interpolate
+    numba_ok = dst.device.type == "cpu" and src.dtype == dst.dtype == torch.uint8
+    kernel = _cpu_nearest_kernel() if numba_ok else None
+    if kernel is not None and not dst.requires_grad:
+        kernel(dst.numpy(), src.numpy(), rows.numpy(), cols.numpy(), y1, x1)
+        return
+    if src.is_floating_point():
+        dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
+        return
     picked = src.index_select(2, rows)  # whole rows: a contiguous copy per row, fast everywhere
     if dst.device.type == "cpu" and x2 - x1 >= 64:
         # torch's index_select along the last axis copies uint8 byte by byte; numpy's take is 3x

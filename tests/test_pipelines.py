@@ -9,10 +9,11 @@ import torch
 from conftest import label_value, write_cifar10, write_imagefolder
 from pipelines import build_loader
 from pipelines.loader import decode_ascii_labels
-from pipelines.presets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from pipelines.presets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, get_preset
 from rmix import CutMix, RecursiveMix
 from shards.build import ShardParams, build
 from shards.errors import ShardError
+from shards.manifest import load_manifest
 
 BACKENDS = ["dali", "memory", "torch", "ffcv"]
 EXACT_RESUME = ["dali", "memory", "torch"]  # FFCV's augmentation draws are not seedable
@@ -173,6 +174,54 @@ def test_imagenet_presets(imagenet_shards, backend):
     assert images.shape == (9, 3, 224, 224)
     expected = torch.tensor([[20.0, 127.0, 234.0][l] for l in labels])
     assert (brightness(images, IMAGENET_MEAN, IMAGENET_STD, border=0) - expected).abs().max() < 15
+
+
+def test_dali_host_crop_is_the_graph_and_resumes_exactly(imagenet_shards):
+    """On a CPU DALI's ImageNet training graph stops after the fused crop decode and OpenCV resizes and
+    flips (``host_crop``, the default there). Against the whole graph run on the CPU: the same samples,
+    crops and flips, pixels within one grey level. Mid-epoch resume through DALI's checkpoint is exact
+    on it, RecursiveMix included; a preset it cannot do is refused."""
+    from pipelines.dali import DaliLoader
+
+    manifest, preset = load_manifest(imagenet_shards), get_preset("imagenet_train", "imagenet", True)
+
+    def dali(**kw):
+        return DaliLoader(manifest, "train", batch_size=4, train=True, preset=preset, device="cpu",
+                          num_workers=2, **kw)
+
+    assert loader(imagenet_shards, batch_size=4).host_crop  # the CPU default
+    host, graph = dali(seed=2, host_crop=True), dali(seed=2, host_crop=False)
+    one_level = 1.0 / min(IMAGENET_STD) + 1e-4
+    n = 0
+    for a, b in zip(host, graph):
+        assert torch.equal(a.labels, b.labels)
+        assert a.images.shape == b.images.shape == (4, 3, 224, 224) and a.images.is_contiguous()
+        assert (a.images - b.images).abs().max() <= one_level
+        n += 1
+    assert n == len(host) == 4
+
+    def make():
+        return loader(imagenet_shards, batch_size=4, seed=5, mix=RecursiveMix(alpha=1.0, box="sample", seed=9))
+
+    full = []
+    ref = make()
+    for b in ref:
+        full.append((b.images.clone(), b.targets.clone()))
+        ref.record_logits(b.images.mean((2, 3)))
+    run = make()
+    it = iter(run)
+    for _ in range(2):
+        run.record_logits(next(it).images.mean((2, 3)))
+    state = run.state_dict()
+    del it, run
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [(b.images.clone(), b.targets.clone()) for b in resumed]
+    assert len(rest) == len(full) - 2
+    assert all(torch.equal(i1, i2) and torch.equal(t1, t2) for (i1, t1), (i2, t2) in zip(full[2:], rest))
+    with pytest.raises(ValueError, match="host_crop needs an ImageNet training preset"):
+        DaliLoader(manifest, "train", batch_size=4, train=True, host_crop=True,
+                   preset=get_preset("imagenet_train_plus", "imagenet", True))
 
 
 def test_aug_plus_and_options(imagenet_shards):

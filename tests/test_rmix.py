@@ -357,17 +357,28 @@ def test_exact_on_uint8_means_mixing_commutes_with_normalisation(cls, kw, exact)
     assert same == exact
 
 
-@pytest.mark.parametrize("size,box", [((40, 48), (3, 5, 30, 39)), ((160, 224), (10, 7, 200, 150))])
-def test_uint8_paste_equals_interpolate_on_both_gather_paths(size, box):
-    """paste_one_box on uint8: index_select for narrow boxes, numpy's take for wide ones; both are
-    F.interpolate(mode='nearest') of the whole source, written into the box, bit for bit."""
-    from rmix.boxes import paste_one_box
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("size,box", [((40, 48), (3, 5, 30, 39)), ((160, 224), (10, 7, 200, 150)),
+                                      ((32, 32), (0, 0, 32, 32)), ((64, 80), (70, 2, 80, 3))])
+def test_nearest_paste_equals_interpolate_on_every_path(size, box, dtype, kernel, monkeypatch):
+    """paste_one_box, nearest: numba's one-pass kernel for uint8 on the CPU, and torch's paths (without numba:
+    numpy's take for wide uint8 boxes, index_select for narrow ones; F.interpolate for float) are all
+    F.interpolate(mode='nearest') of the whole source written into the box, bit for bit, in any memory
+    format; pixels outside the box are untouched."""
+    from rmix import boxes
 
+    if kernel == "torch":
+        monkeypatch.setattr(boxes, "_CPU_KERNEL", [None])
+    else:
+        assert boxes._cpu_nearest_kernel() is not None  # the Makefile installs numba: this path must run
     g = torch.Generator().manual_seed(0)
-    src = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=g)
-    dst = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=g)
-    want = dst.clone()
-    x1, y1, x2, y2 = box
-    want[:, :, y1:y2, x1:x2] = torch.nn.functional.interpolate(src, size=(y2 - y1, x2 - x1), mode="nearest")
-    paste_one_box(dst, src, np.array(box), "nearest")
-    assert torch.equal(dst, want)
+    src = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=g).to(dtype)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        dst = torch.randint(0, 256, (3, 3, *size), dtype=torch.uint8, generator=g).to(dtype)
+        dst = dst.contiguous(memory_format=fmt)
+        want = dst.clone()
+        x1, y1, x2, y2 = box
+        want[:, :, y1:y2, x1:x2] = torch.nn.functional.interpolate(src, size=(y2 - y1, x2 - x1), mode="nearest")
+        boxes.paste_one_box(dst, src, np.array(box), "nearest")
+        assert torch.equal(dst, want), fmt
