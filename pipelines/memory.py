@@ -29,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover - numba comes with the ffcv extra
     numba = None
 
+from rmix.host_threads import over_batch
 from shards.checks import check_wds_split
 from shards.errors import ShardError
 from shards.reader import iter_tar, split_files
@@ -129,14 +130,16 @@ def select_crop_flip(images: torch.Tensor, sel: torch.Tensor, pad: int, gen: tor
 
     On the CPU (with numba, which comes with FFCV) the sample selection, zero-padded crop and flip are one
     loop over the output pixels instead of a select, a pad and two gathers (torch's uint8 gather copies byte
-    by byte): ~10x less time for a CIFAR batch of 512 here. Elsewhere it is those torch ops.
+    by byte): ~10x less time for a CIFAR batch of 512 here. The batch is split over the intra-op threads
+    (:func:`rmix.host_threads.over_batch`): nothing decodes beside this path. Elsewhere it is those torch ops.
     """
     if images.device.type != "cpu" or numba is None:
         return batch_crop_flip(images.index_select(0, sel), pad, gen, flip)
     n = sel.shape[0]
     dy, dx, flips = _crop_flip_draws(n, pad, gen, flip)
     out = torch.empty((n, *images.shape[1:]), dtype=images.dtype)
-    _select_crop_flip(images.numpy(), sel.numpy(), dy.numpy(), dx.numpy(), flips.numpy(), pad, out.numpy())
+    src, o, s, y, x, f = images.numpy(), out.numpy(), sel.numpy(), dy.numpy(), dx.numpy(), flips.numpy()
+    over_batch(lambda a, b: _select_crop_flip(src, s[a:b], y[a:b], x[a:b], f[a:b], pad, o[a:b]), n, o.nbytes)
     return out
 
 

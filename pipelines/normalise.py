@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from rmix.host_threads import over_batch
+
 HUGE_BATCH_BYTES = 32 << 20  # glibc's largest dynamic mmap threshold: above it malloc maps fresh pages every time
 
 try:
@@ -57,7 +59,8 @@ class Normalise:
 
     ``normalise(images)``: ``images`` uint8 (N, 3, H, W) on the CPU with any strides (e.g. FFCV's
     channels-last view of its reused buffer) -> a new contiguous float32 (N, 3, H, W) tensor. One
-    table lookup per element in the calling thread (numba, GIL released); the table holds the values
+    table lookup per element (numba, GIL released), the batch split over the caller's intra-op threads
+    (:func:`rmix.host_threads.over_batch`); the table holds the values
     torch's float32 arithmetic gives, so the result equals ``(images.float() - mean) / std`` bit for bit.
     """
 
@@ -73,7 +76,8 @@ class Normalise:
                              f"{tuple(images.shape)} on {images.device}")
         out = fresh_empty(images.shape)
         if numba is not None:
-            _lookup_nchw(images.numpy(), self.table, out.numpy())
+            src, dst = images.numpy(), out.numpy()
+            over_batch(lambda a, b: _lookup_nchw(src[a:b], self.table, dst[a:b]), src.shape[0], dst.nbytes)
         else:  # the same float32 arithmetic, three passes
             out.copy_(images).sub_(self.mean).div_(self.std)
         return out

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .host_threads import over_batch
+
 
 def sample_boxes(rng: np.random.Generator, ratio: np.ndarray, height: int, width: int) -> np.ndarray:
     """Square-ratio boxes as in the seed's ``rand_bbox``: side = int(size * ratio), centre uniform
@@ -123,7 +125,9 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: s
     numba_ok = dst.device.type == "cpu" and src.dtype == dst.dtype == torch.uint8
     kernel = _cpu_nearest_kernel() if numba_ok else None
     if kernel is not None and not dst.requires_grad:
-        kernel(dst.numpy(), src.numpy(), rows.numpy(), cols.numpy(), y1, x1)
+        d, s, r, c = dst.numpy(), src.numpy(), rows.numpy(), cols.numpy()
+        over_batch(lambda a, b: kernel(d[a:b], s[a:b], r, c, y1, x1), dst.shape[0],
+                   dst.shape[1] * r.shape[0] * c.shape[0] * dst.shape[0])
         return
     if src.is_floating_point():
         dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)

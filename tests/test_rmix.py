@@ -382,3 +382,36 @@ def test_nearest_paste_equals_interpolate_on_every_path(size, box, dtype, kernel
         want[:, :, y1:y2, x1:x2] = torch.nn.functional.interpolate(src, size=(y2 - y1, x2 - x1), mode="nearest")
         boxes.paste_one_box(dst, src, np.array(box), "nearest")
         assert torch.equal(dst, want), fmt
+
+
+def test_over_batch_covers_the_batch_once_in_the_callers_threads(monkeypatch):
+    """over_batch splits range(n) into contiguous chunks, one per intra-op thread (torch.get_num_threads()),
+    each exactly once, only when the work is large enough; a kernel's exception reaches the caller."""
+    import threading
+
+    from rmix import host_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    seen, where = [], {}
+
+    def kernel(a, b):
+        seen.append((a, b))
+        where[a] = threading.current_thread()
+
+    host_threads.over_batch(kernel, 10, nbytes=10 * host_threads.MIN_CHUNK_BYTES)
+    assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
+    assert where[0] is threading.current_thread()  # the first chunk in the caller, the others in the pool
+    assert all(where[a].name.startswith("rmix-host") for a in (3, 6))
+    seen.clear()
+    host_threads.over_batch(kernel, 10, nbytes=host_threads.MIN_CHUNK_BYTES)  # too little work to split
+    assert seen == [(0, 10)]
+    seen.clear()
+    host_threads.over_batch(kernel, 2, nbytes=10 * host_threads.MIN_CHUNK_BYTES)  # never more chunks than rows
+    assert sorted(seen) == [(0, 1), (1, 2)]
+
+    def boom(a, b):
+        if a > 0:
+            raise ValueError("chunk failed")
+
+    with pytest.raises(ValueError, match="chunk failed"):
+        host_threads.over_batch(boom, 10, nbytes=10 * host_threads.MIN_CHUNK_BYTES)
