@@ -9,11 +9,14 @@ so the iterator sizes the epoch from it, and the augmentation subgraph is the pl
 One switch: with CUDA the graph decodes with ``device='mixed'`` (nvJPEG / the hardware decoder, fused
 with the random crop) and augments on the GPU of ``device_id`` (:func:`dali_device_id`: always the
 resolved CUDA index, so ``device='cuda'`` means the current GPU); without CUDA the same graph runs CPU
-operators with ``device_id=None``. Sharding across DDP ranks is DALI's (``shard_id``/``num_shards``),
-the pipeline seed is ``derive_seed(seed, rank, 0, "reader")`` (DALI reshuffles on its own every
-epoch), train drops the last partial batch (equal batch counts on every rank, DALI's iterator stops
-all ranks together), eval pads and the iterator removes the padding so every sample is seen exactly
-once across ranks. Mid-epoch resume uses DALI's own checkpointing (``enable_checkpointing``).
+operators with ``device_id=None``, with one exception: ImageNet training on a CPU (``host_crop``) stops the
+graph after the fused crop decode and resizes and flips with OpenCV in a thread pool, because DALI's CPU
+resize cost more than the decode before it (the same crops and flips; bilinear within one grey level).
+Sharding across DDP ranks is DALI's (``shard_id``/``num_shards``), the pipeline seed is
+``derive_seed(seed, rank, 0, "reader")`` (DALI reshuffles on its own every epoch), train drops the last
+partial batch (equal batch counts on every rank, DALI's iterator stops all ranks together), eval pads and
+the iterator removes the padding so every sample is seen exactly once across ranks. Mid-epoch resume uses
+DALI's own checkpointing (``enable_checkpointing``).
 
 Start checks (:mod:`pipelines.checks`): DALI reads each sample at the offset its ``.idx`` lists and
 never parses the tar, so a damaged ``.idx`` or tar would silently feed wrong bytes; the loader checks
