@@ -281,9 +281,16 @@ def summary(rows: list) -> list[str]:
     return lines
 
 
+# bars that are not our loaders: the libraries users would otherwise run, and the decode-only limit
+OTHER_BARS = {
+    "anchor": dict(color="0.6", hatch="//", edgecolor="black", label="the library itself (anchor)"),
+    "reference": dict(color="0.88", hatch="..", edgecolor="0.35", label="decode only, no augmentation (limit)"),
+}
+
+
 def plot(rows: list, path: Path) -> None:
-    """Bars grouped by backend, the mix as colour, anchors and references grey and hatched, the value
-    on each bar; images/s on the left, images per CPU-second on the right, one row per dataset."""
+    """Bars grouped by backend, the mix as colour, anchors and the decode-only limit grey and hatched apart,
+    the value on each bar; images/s on the left, images per CPU-second on the right, one row per dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,10 +309,8 @@ def plot(rows: list, path: Path) -> None:
                 members = [r for r in sel if r["backend"] == g]
                 start = x
                 for r in members:
-                    anchor = r["kind"] != "ours"
-                    bar = ax.bar(x, r[key], width=0.8, color=colours[r["mix"]], hatch="//" if anchor else None,
-                                 edgecolor="black" if anchor else None,
-                                 label=r["mix"] if not anchor else r["kind"])
+                    style = OTHER_BARS.get(r["kind"], dict(color=colours[r["mix"]], label=r["mix"]))
+                    bar = ax.bar(x, r[key], width=0.8, **style)
                     ax.bar_label(bar, [f"{r[key]:,.0f}"], fontsize=7, rotation=90, padding=2)
                     x += 1
                 ticks.append(((start + x - 1) / 2, g))
