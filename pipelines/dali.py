@@ -30,6 +30,8 @@ while feeding history back through ``external_source`` would serialise the pipel
 
 from __future__ import annotations
 
+import ctypes
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Sequence
 
@@ -45,12 +47,34 @@ from .seeds import derive_seed
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.pipeline import Pipeline
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError as _e:
     raise ImportError(f"backend 'dali' needs nvidia-dali ({_e}); install with `make setup` or "
                       "pip install nvidia-dali-cuda130") from None
 
 LABEL_WIDTH = 8  # ASCII digits of a .cls entry, zero padded to a fixed width so batches are dense
+
+# A forked child (a DataLoader worker started while a DALI pipeline is alive) inherits the pipeline objects
+# but not their executor threads. When the child's garbage collector finalises one (a pipeline in a
+# reference cycle, from a loader the parent no longer uses), DALI's Shutdown joins threads that do not exist
+# there and the worker dies with SIGSEGV: seen in the test suite, from gdb on the worker's core. So in a
+# child every inherited pipeline forgets its backend, which is parked in a list that is never freed (not even
+# at interpreter exit), and its finaliser does nothing. The child never runs those pipelines anyway.
+_FORKED_AWAY: list = []
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_FORKED_AWAY))
+
+
+def _orphan_pipelines_in_child() -> None:
+    for ref in list(Pipeline._pipes):
+        pipe = ref()
+        if pipe is not None and getattr(pipe, "_pipe", None) is not None:
+            _FORKED_AWAY.append(pipe._pipe)
+            pipe._pipe = None
+    Pipeline._pipes.clear()
+
+
+os.register_at_fork(after_in_child=_orphan_pipelines_in_child)
 
 
 def dali_device_id(device: torch.device) -> Optional[int]:

@@ -97,20 +97,20 @@ _CPU_KERNEL = [_paste_nearest]  # the tests swap in [None] for torch's path
 
 
 def _cpu_nearest_kernel():
-    """numba's compiled nearest paste (uint8, any strides), or None without numba."""
+    """numba's compiled nearest paste (uint8 or float32, any strides), or None without numba."""
     return _CPU_KERNEL[0]
 
 
 def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: str) -> None:
     """In place: the whole of each ``src[i]`` resized into the same ``box`` of ``dst[i]``.
 
-    Nearest on a uint8 CPU batch is one compiled pass (numba) that reads each pasted pixel from its nearest
-    source pixel and writes it straight into the box: no temporary batch, no torch threads. Torch's own
-    ops are slower there (``upsample_nearest2d`` has no fast uint8 kernel, ``index_select`` along the last
-    axis copies byte by byte, and both wake the OpenMP pool that DALI's threads share the cores with);
-    without numba they remain the path. On a GPU a uint8 batch gathers the box's rows and then its columns
-    with ``index_select``; float keeps ``F.interpolate``. Every path equals ``F.interpolate(mode='nearest')``
-    bit for bit.
+    Nearest on a CPU batch (uint8 or float32) is one compiled pass (numba) that reads each pasted pixel from
+    its nearest source pixel and writes it straight into the box, split over the caller's intra-op threads:
+    no temporary batch. Torch's own ops are slower there (``upsample_nearest2d`` has no fast uint8 kernel,
+    ``index_select`` along the last axis copies byte by byte, and both wake the OpenMP pool that DALI's
+    threads share the cores with); without numba they remain the path. On a GPU a uint8 batch gathers the
+    box's rows and then its columns with ``index_select``; float keeps ``F.interpolate``. Every path equals
+    ``F.interpolate(mode='nearest')`` bit for bit.
     """
     x1, y1, x2, y2 = (int(v) for v in box)
     if x2 <= x1 or y2 <= y1:
@@ -120,9 +120,7 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: s
         return
     rows = nearest_index(y2 - y1, src.shape[2], src.device)
     cols = nearest_index(x2 - x1, src.shape[3], src.device)
-    # uint8 only: with a float32 batch from DALI's CPU graph, a later fork (a DataLoader's workers) crashed
-    # in the test suite, which we could not explain; the float path keeps F.interpolate
-    numba_ok = dst.device.type == "cpu" and src.dtype == dst.dtype == torch.uint8
+    numba_ok = dst.device.type == "cpu" and src.dtype == dst.dtype and dst.dtype in (torch.uint8, torch.float32)
     kernel = _cpu_nearest_kernel() if numba_ok else None
     if kernel is not None and not dst.requires_grad:
         d, s, r, c = dst.numpy(), src.numpy(), rows.numpy(), cols.numpy()

@@ -818,3 +818,39 @@ def test_memory_fused_select_crop_flip_equals_the_torch_ops(flip):
         got = select_crop_flip(images, sel, 4, torch.Generator().manual_seed(seed), flip)
         assert torch.equal(got, want)
     assert not torch.equal(got, images.index_select(0, sel))  # it did crop or flip
+
+
+def test_a_forked_child_never_shuts_down_the_parents_dali_pipelines(cifar_shards):
+    """A DALI loader that is garbage only through a reference cycle, then a fork (as a DataLoader starting its
+    workers does): the child's garbage collector finalises the inherited pipeline. DALI's Shutdown would join
+    executor threads that do not exist in the child (SIGSEGV); ours leaves them alone and the child exits 0."""
+    import gc
+    import os
+    import signal
+    import time
+
+    root, _ = cifar_shards
+    L = loader(root, backend="dali")
+    next(iter(L))
+    cycle = [L]
+    cycle.append(cycle)
+    del L, cycle
+    gc.disable()  # the cycle must survive until the child collects it
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            gc.collect()
+            os._exit(0)
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child hung finalising the parent's DALI pipeline")
+    status = done[1]
+    assert not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV), "the child crashed in DALI"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    gc.collect()  # and the parent still shuts its own pipeline down cleanly

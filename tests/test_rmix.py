@@ -362,8 +362,8 @@ def test_exact_on_uint8_means_mixing_commutes_with_normalisation(cls, kw, exact)
 @pytest.mark.parametrize("size,box", [((40, 48), (3, 5, 30, 39)), ((160, 224), (10, 7, 200, 150)),
                                       ((32, 32), (0, 0, 32, 32)), ((64, 80), (70, 2, 80, 3))])
 def test_nearest_paste_equals_interpolate_on_every_path(size, box, dtype, kernel, monkeypatch):
-    """paste_one_box, nearest: numba's one-pass kernel for uint8 on the CPU, and torch's paths (without numba:
-    numpy's take for wide uint8 boxes, index_select for narrow ones; F.interpolate for float) are all
+    """paste_one_box, nearest: numba's one-pass kernel on the CPU, and torch's paths without numba (numpy's
+    take for wide uint8 boxes, index_select for narrow ones, F.interpolate for float) are all
     F.interpolate(mode='nearest') of the whole source written into the box, bit for bit, in any memory
     format; pixels outside the box are untouched."""
     from rmix import boxes
