@@ -92,13 +92,7 @@ if numba is not None:
                     for j in range(cols.shape[0]):
                         d[x1 + j] = s[cols[j]]
 else:  # pragma: no cover
-    _paste_nearest = None
-_CPU_KERNEL = [_paste_nearest]  # the tests swap in [None] for torch's path
-
-
-def _cpu_nearest_kernel():
-    """numba's compiled nearest paste (uint8 or float32, any strides), or None without numba."""
-    return _CPU_KERNEL[0]
+    _paste_nearest = None  # torch's path (the tests set this to exercise it)
 
 
 def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: str) -> None:
@@ -120,19 +114,19 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: s
         return
     rows = nearest_index(y2 - y1, src.shape[2], src.device)
     cols = nearest_index(x2 - x1, src.shape[3], src.device)
-    numba_ok = dst.device.type == "cpu" and src.dtype == dst.dtype and dst.dtype in (torch.uint8, torch.float32)
-    kernel = _cpu_nearest_kernel() if numba_ok else None
-    if kernel is not None and not dst.requires_grad:
+    kernel = _paste_nearest
+    if (kernel is not None and dst.device.type == "cpu" and src.dtype == dst.dtype
+            and dst.dtype in (torch.uint8, torch.float32) and not dst.requires_grad):
         d, s, r, c = dst.numpy(), src.numpy(), rows.numpy(), cols.numpy()
-        over_batch(lambda a, b: kernel(d[a:b], s[a:b], r, c, y1, x1), dst.shape[0],
-                   dst.shape[1] * r.shape[0] * c.shape[0] * dst.shape[0])
+        pasted_bytes = dst.shape[0] * dst.shape[1] * r.shape[0] * c.shape[0] * dst.element_size()
+        over_batch(lambda a, b: kernel(d[a:b], s[a:b], r, c, y1, x1), dst.shape[0], pasted_bytes)
         return
     if src.is_floating_point():
         dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
         return
     picked = src.index_select(2, rows)  # whole rows: a contiguous copy per row, fast everywhere
     if dst.device.type == "cpu" and x2 - x1 >= 64:
-        # torch's index_select along the last axis copies uint8 byte by byte; numpy's take is 3x
+        # (without numba) torch's index_select along the last axis copies uint8 byte by byte; numpy's take is 3x
         # faster on this axis for wide boxes (45 -> 16 ms for an 8x3x800x1088 batch, 17 -> 6 ms for
         # 64x3x224x224; slower on CIFAR's 32-pixel rows) and writes straight into the box, whatever the
         # strides of ``dst``
