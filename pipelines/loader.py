@@ -212,7 +212,7 @@ class Loader:
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) on 0..255 -> float32 ``(x - mean) / std``, in one fresh tensor (on the CPU
-        one lookup pass into huge pages, :mod:`pipelines.normalise`; the same bits either way)."""
+        one vectorised pass into huge pages, :mod:`pipelines.normalise`; the same bits either way)."""
         if self._normalise_cpu is not None and images.dim() == 4 and images.shape[1] == 3:
             return self._normalise_cpu(images)
         return (images.float() - self._mean) / self._std

@@ -10,11 +10,21 @@ exclusive, which is what ``torchvision.ops.roi_align`` expects.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .host_threads import over_batch
+
+
+def sample_box(rng: np.random.Generator, ratio: float, height: int, width: int) -> tuple[int, int, int, int]:
+    """One box of :func:`sample_boxes` as Python ints, from the same draws (Python-scalar draws give the values
+    that ``size=1`` arrays give, ~10x faster: this is the one-box-per-batch hot path)."""
+    half_w, half_h = int(width * ratio) // 2, int(height * ratio) // 2
+    cx, cy = int(rng.integers(0, width)), int(rng.integers(0, height))
+    return max(cx - half_w, 0), max(cy - half_h, 0), min(cx + half_w, width), min(cy + half_h, height)
 
 
 def sample_boxes(rng: np.random.Generator, ratio: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -28,6 +38,8 @@ def sample_boxes(rng: np.random.Generator, ratio: np.ndarray, height: int, width
         (n, 4) int64 array of ``(x1, y1, x2, y2)``.
     """
     n = ratio.shape[0]
+    if n == 1:
+        return np.array([sample_box(rng, float(ratio[0]), height, width)], dtype=np.int64)
     half_w = (width * ratio).astype(np.int64) // 2
     half_h = (height * ratio).astype(np.int64) // 2
     cx = rng.integers(0, width, size=n)
@@ -76,6 +88,16 @@ def nearest_index(out_len: int, in_len: int, device: torch.device) -> torch.Tens
     return idx
 
 
+_NEAREST_HOST: dict = {}  # (out_len, in_len) -> nearest_index as a uint64 numpy array, for the numba kernel
+
+
+def _nearest_host(out_len: int, in_len: int) -> np.ndarray:
+    idx = _NEAREST_HOST.get((out_len, in_len))
+    if idx is None:
+        idx = _NEAREST_HOST.setdefault((out_len, in_len), nearest_index(out_len, in_len, torch.device("cpu")).numpy().astype(np.uint64))
+    return idx
+
+
 try:
     import numba
 except ImportError:  # pragma: no cover - numba comes with FFCV, which the Makefile installs
@@ -84,18 +106,19 @@ except ImportError:  # pragma: no cover - numba comes with FFCV, which the Makef
 if numba is not None:
     @numba.njit(nogil=True, cache=False)
     def _paste_nearest(dst, src, rows, cols, y1, x1):  # pragma: no cover - compiled
+        nc = cols.shape[0]
         for n in range(dst.shape[0]):
             for c in range(dst.shape[1]):
                 for i in range(rows.shape[0]):
                     s = src[n, c, rows[i]]
-                    d = dst[n, c, y1 + i]
-                    for j in range(cols.shape[0]):
-                        d[x1 + j] = s[cols[j]]
+                    d = dst[n, c, y1 + i, x1:x1 + nc]  # a 1-D view of the box's row: 1.6x faster than indexing dst
+                    for j in range(nc):
+                        d[j] = s[cols[j]]  # cols is uint64: no negative-index wraparound branch (1.3x)
 else:  # pragma: no cover
     _paste_nearest = None  # torch's path (the tests set this to exercise it)
 
 
-def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: str) -> None:
+def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: Sequence[int], mode: str) -> None:
     """In place: the whole of each ``src[i]`` resized into the same ``box`` of ``dst[i]``.
 
     Nearest on a CPU batch (uint8 or float32) is one compiled pass (numba) that reads each pasted pixel from
@@ -112,18 +135,19 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: np.ndarray, mode: s
     if mode != "nearest":
         dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
         return
-    rows = nearest_index(y2 - y1, src.shape[2], src.device)
-    cols = nearest_index(x2 - x1, src.shape[3], src.device)
     kernel = _paste_nearest
     if (kernel is not None and dst.device.type == "cpu" and src.dtype == dst.dtype
             and dst.dtype in (torch.uint8, torch.float32) and not dst.requires_grad):
-        d, s, r, c = dst.numpy(), src.numpy(), rows.numpy(), cols.numpy()
+        d, s = dst.numpy(), src.numpy()
+        r, c = _nearest_host(y2 - y1, src.shape[2]), _nearest_host(x2 - x1, src.shape[3])
         pasted_bytes = dst.shape[0] * dst.shape[1] * r.shape[0] * c.shape[0] * dst.element_size()
         over_batch(lambda a, b: kernel(d[a:b], s[a:b], r, c, y1, x1), dst.shape[0], pasted_bytes)
         return
     if src.is_floating_point():
         dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
         return
+    rows = nearest_index(y2 - y1, src.shape[2], src.device)
+    cols = nearest_index(x2 - x1, src.shape[3], src.device)
     picked = src.index_select(2, rows)  # whole rows: a contiguous copy per row, fast everywhere
     if dst.device.type == "cpu" and x2 - x1 >= 64:
         # (without numba) torch's index_select along the last axis copies uint8 byte by byte; numpy's take is 3x

@@ -31,6 +31,7 @@ Where we deviate, on purpose:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -38,10 +39,26 @@ import torch
 
 from .base import Mix
 from .batch import MixedBatch
-from .boxes import box_lam, paste_one_box, paste_per_sample, sample_boxes
+from .boxes import box_lam, paste_one_box, paste_per_sample, sample_box, sample_boxes
 
 INTERPOLATIONS = ("nearest", "bilinear")
 BOX_MODES = ("batch", "sample")
+
+
+def _host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
+
+
+def _mix_targets_scalar(targets: torch.Tensor, other: torch.Tensor, lam: np.float32) -> torch.Tensor:
+    """``lam * targets + (1 - lam) * other`` for one float32 lam: the float32 operations of
+    :meth:`Mix._mix_targets`, bit for bit (numpy's on a CPU batch, a few microseconds cheaper per op)."""
+    rest = np.float32(1.0) - lam
+    if targets.device.type != "cpu" or targets.requires_grad or other.requires_grad:
+        return targets * float(lam) + other * float(rest)
+    out = targets.numpy() * lam
+    out += other.numpy() * rest
+    return torch.from_numpy(out)
 
 
 class RecursiveMix(Mix):
@@ -150,6 +167,9 @@ class RecursiveMix(Mix):
         self._logits = None  # the new history has no logits until the trainer records them
 
     # -- mixing -------------------------------------------------------------------------------
+    def _draw_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        return sample_box(self.rng, math.sqrt(self.rng.uniform(0.0, self.alpha)), height, width)
+
     def _draw_ratio(self, n: int) -> np.ndarray:
         return np.sqrt(self.rng.uniform(0.0, self.alpha, size=n))
 
@@ -169,29 +189,39 @@ class RecursiveMix(Mix):
         if hist_images.shape[1] != images.shape[1]:
             raise ValueError(f"history has {hist_images.shape[1]} channels, batch has {images.shape[1]}")
         hist_n = hist_images.shape[0]
-        if n <= hist_n:
-            rows = slice(0, n)
-        else:  # documented rule: sample i takes history row i % hist_n
-            rows = torch.arange(n, device=device) % hist_n
-        src = hist_images[rows].to(images.dtype)
-        history_logits = hist_logits[rows].clone() if hist_logits is not None else None
+        src = hist_images
+        if n != hist_n:  # documented rule: a smaller batch takes the first n rows, a larger one row i % hist_n
+            rows = slice(0, n) if n < hist_n else torch.arange(n, device=device) % hist_n
+            src, hist_targets = hist_images[rows], hist_targets[rows]
+            hist_logits = hist_logits[rows] if hist_logits is not None else None
+        src = src if src.dtype == images.dtype else src.to(images.dtype)
+        # the recorded logits are never written in place (record_logits replaces them), so no copy
+        history_logits = hist_logits
 
         if self.box == "batch":
-            boxes_np = sample_boxes(self.rng, self._draw_ratio(1), height, width)
-            paste_one_box(images, src, boxes_np[0], self.interpolation)
-            boxes_np = np.repeat(boxes_np, n, axis=0)
+            # One box for all, in as few operations as possible: a CIFAR batch of 512 pastes in ~0.3 ms, and each
+            # small tensor op costs 5-20 us after the kernels have been through the caches.
+            x1, y1, x2, y2 = self._draw_box(height, width)
+            area = (x2 - x1) * (y2 - y1)
+            if area == 0:  # side < 2 pixels: nothing pasted
+                boxes, lam, history_logits = None, self._full_lam(n, 1.0, device), None
+            else:
+                paste_one_box(images, src, (x1, y1, x2, y2), self.interpolation)
+                lam_value = np.float32(1.0 - area / float(height * width))  # box_lam's arithmetic
+                boxes = _host_tensor(np.array([[x1, y1, x2, y2]], dtype=np.float32).repeat(n, 0), device)
+                lam = _host_tensor(np.full(n, lam_value, dtype=np.float32), device)
+                targets = _mix_targets_scalar(targets, hist_targets, lam_value)
         else:
             boxes_np = sample_boxes(self.rng, self._draw_ratio(n), height, width)
             paste_per_sample(images, src, boxes_np, self.interpolation)
-
-        lam_np = box_lam(boxes_np, height, width)
-        if (lam_np >= 1.0).all():  # nothing pasted anywhere
-            boxes, lam = None, self._full_lam(n, 1.0, device)
-            history_logits = None
-        else:
-            boxes = torch.from_numpy(boxes_np.astype(np.float32)).to(device, non_blocking=True)
-            lam = torch.from_numpy(lam_np).to(device, non_blocking=True)
-            targets = self._mix_targets(targets, hist_targets[rows], lam)
+            lam_np = box_lam(boxes_np, height, width)
+            if (lam_np >= 1.0).all():  # nothing pasted anywhere
+                boxes, lam = None, self._full_lam(n, 1.0, device)
+                history_logits = None
+            else:
+                boxes = torch.from_numpy(boxes_np.astype(np.float32)).to(device, non_blocking=True)
+                lam = torch.from_numpy(lam_np).to(device, non_blocking=True)
+                targets = self._mix_targets(targets, hist_targets, lam)
 
         self._remember(images, targets)
         return MixedBatch(images, targets, boxes, lam, history_logits)

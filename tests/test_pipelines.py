@@ -728,6 +728,10 @@ def test_normalise_is_loader_finish_bit_for_bit_and_fresh(monkeypatch, numba_ava
     out = norm(images)
     assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, ref)
     assert norm(images).data_ptr() != out.data_ptr()
+    # contiguous NCHW rows (the vectorised loop), every level in every channel
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(2, 3, 5, 256).contiguous()
+    want = (levels.float() - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.equal(norm(levels), want)
     with pytest.raises(ValueError, match="uint8"):
         norm(images.float())
 
@@ -806,16 +810,18 @@ def test_work_after_the_iterator_runs_single_threaded_beside_a_parallel_decoder(
 
 
 @pytest.mark.parametrize("flip", [True, False])
-def test_memory_fused_select_crop_flip_equals_the_torch_ops(flip):
-    """The memory path's one-pass CPU kernel is select + pad + crop + flip in torch, bit for bit."""
+@pytest.mark.parametrize("size,pad", [((32, 32), 4), ((24, 40), 4), ((32, 32), 40)])
+def test_memory_fused_select_crop_flip_equals_the_torch_ops(flip, size, pad):
+    """The memory path's one-pass CPU kernel is select + pad + crop + flip in torch, bit for bit (non-square
+    images, and a pad wider than the image: whole rows and columns of padding)."""
     from pipelines.memory import batch_crop_flip, select_crop_flip
 
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (300, 3, *size), dtype=torch.uint8, generator=g)
     sel = torch.randperm(300, generator=g)[:128]
     for seed in range(3):
-        want = batch_crop_flip(images.index_select(0, sel), 4, torch.Generator().manual_seed(seed), flip)
-        got = select_crop_flip(images, sel, 4, torch.Generator().manual_seed(seed), flip)
+        want = batch_crop_flip(images.index_select(0, sel), pad, torch.Generator().manual_seed(seed), flip)
+        got = select_crop_flip(images, sel, pad, torch.Generator().manual_seed(seed), flip)
         assert torch.equal(got, want)
     assert not torch.equal(got, images.index_select(0, sel))  # it did crop or flip
 

@@ -23,6 +23,7 @@ def _force_box(monkeypatch, box):
     import rmix.recursive_mix as rm
 
     monkeypatch.setattr(rm, "sample_boxes", lambda rng, ratio, h, w: np.repeat(np.asarray([box]), len(ratio), 0))
+    monkeypatch.setattr(rm, "sample_box", lambda rng, ratio, h, w: tuple(box))
 
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
