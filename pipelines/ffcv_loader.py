@@ -32,6 +32,7 @@ width once made it ask for 192 GiB). ``rmix verify`` is the full, pixel-level ch
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -130,37 +131,60 @@ def batch_color_jitter(images: torch.Tensor, factors: np.ndarray) -> torch.Tenso
     return blend(x, gray(x), f, g)
 
 
+@contextmanager
+def caller_torch_threads():
+    """Give the caller its torch intra-op thread count back after the block.
+
+    FFCV's Loader calls ``torch.set_num_threads(num_workers)`` when it is built and at every ``iter()``
+    (``ffcv.pipeline.compiler.Compiler.set_num_threads``); left alone, building our loader with 1 worker would
+    leave the whole training process on one intra-op thread. FFCV's own numba threads are not touched.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 class FfcvLoader(Loader):
     backend = "ffcv"
     shard_format = "ffcv"
 
     def __init__(self, manifest, split, **kw):
         super().__init__(manifest, split, **kw)
+        with caller_torch_threads():  # importing ffcv and building its Loader both set torch's threads
+            self._loader = self._build()
+        self._normalise = Normalise(self.preset.mean, self.preset.std) if self.device.type == "cpu" else None
+
+    def _build(self):
+        """Check the beton and build FFCV's own Loader on it."""
         _import_ffcv()
         from ffcv.loader import Loader as _FFCVLoader
         from ffcv.loader import OrderOption
 
-        self._path = str(split_files(self.manifest, split, "ffcv")[0])
-        check_beton(self.manifest, split, self._path, fixed_size=self.preset.kind == "cifar")
+        self._path = str(split_files(self.manifest, self.split, "ffcv")[0])
+        check_beton(self.manifest, self.split, self._path, fixed_size=self.preset.kind == "cifar")
         if self.train:
             placement = dict(distributed=self.world_size > 1, order=OrderOption.RANDOM)
         else:  # exactly once across ranks, no process group needed
             placement = dict(distributed=False, order=OrderOption.SEQUENTIAL,
                              indices=np.arange(self.rank, self.num_samples, self.world_size))
         self._jitter = self.preset.color_jitter if self.train else 0.0
-        self._loader = _FFCVLoader(
+        return _FFCVLoader(
             self._path, batch_size=self.batch_size, num_workers=self.num_workers,
             seed=derive_seed(self.seed, 0, 0, "reader"), drop_last=self.train,
             pipelines=ffcv_pipelines(self.preset, self.device), os_cache=os_cache_fits(self._path),
             **placement)
-        self._normalise = Normalise(self.preset.mean, self.preset.std) if self.device.type == "cpu" else None
 
     def __len__(self) -> int:
         return len(self._loader)
 
     def _batches(self, start: int) -> Iterator:
         self._loader.next_epoch = self.epoch
-        for b, (images, labels) in enumerate(self._loader):
+        with caller_torch_threads():
+            batches = iter(self._loader)
+        for b, (images, labels) in enumerate(batches):
             if b < start:
                 continue
             # FFCV refills its output buffers batches_ahead later: every batch leaves as a fresh tensor

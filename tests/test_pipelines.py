@@ -752,6 +752,24 @@ def test_fresh_empty_maps_large_batches_and_frees_them(monkeypatch):
     assert other.data_ptr() != big.data_ptr()
 
 
+def test_ffcv_leaves_the_callers_torch_threads_alone(cifar_shards):
+    """FFCV sets torch's intra-op threads to its worker count on import, on building its Loader and at every
+    iter(); our backend gives the caller its own count back each time."""
+    root, _ = cifar_shards
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        L = loader(root, "train", "ffcv", num_workers=1)
+        assert torch.get_num_threads() == 3
+        seen = []
+        for _ in range(2):  # two epochs: two iter() calls
+            for b in L:
+                seen.append(torch.get_num_threads())
+        assert seen and set(seen) == {3}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_ffcv_cpu_batches_are_normalised_in_the_loader(cifar_shards, monkeypatch):
     """On the CPU the FFCV backend yields float32 already normalised (one pass from FFCV's uint8
     view), so Loader._finish passes it through; the pixels are the exact normalisation."""
