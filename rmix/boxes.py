@@ -94,7 +94,8 @@ _NEAREST_HOST: dict = {}  # (out_len, in_len) -> nearest_index as a uint64 numpy
 def _nearest_host(out_len: int, in_len: int) -> np.ndarray:
     idx = _NEAREST_HOST.get((out_len, in_len))
     if idx is None:
-        idx = _NEAREST_HOST.setdefault((out_len, in_len), nearest_index(out_len, in_len, torch.device("cpu")).numpy().astype(np.uint64))
+        idx = nearest_index(out_len, in_len, torch.device("cpu")).numpy().astype(np.uint64)
+        idx = _NEAREST_HOST.setdefault((out_len, in_len), idx)
     return idx
 
 
