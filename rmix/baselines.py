@@ -57,7 +57,7 @@ class Mixup(_PartnerMix):
         else:  # uint8: blend in float, round back
             images.copy_((images.float() * lam + partner.float() * (1.0 - lam)).round_().clamp_(0, 255))
         lam_t = self._full_lam(n, lam, images.device)
-        return MixedBatch(images, self._mix_targets(targets, targets[perm], lam_t), None, lam_t)
+        return MixedBatch(images, self._mix_targets_scalar(targets, targets[perm], lam), None, lam_t)
 
 
 class _PasteMix(_PartnerMix):
@@ -81,7 +81,7 @@ class _PasteMix(_PartnerMix):
         self._paste(images, perm, box)
         lam_t = self._full_lam(n, lam, images.device)
         boxes = torch.tensor(box, dtype=torch.float32).expand(n, 4).to(images.device, non_blocking=True)
-        return MixedBatch(images, self._mix_targets(targets, targets[perm], lam_t), boxes, lam_t)
+        return MixedBatch(images, self._mix_targets_scalar(targets, targets[perm], lam), boxes, lam_t)
 
 
 class CutMix(_PasteMix):

@@ -50,17 +50,6 @@ def _host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 
 
-def _mix_targets_scalar(targets: torch.Tensor, other: torch.Tensor, lam: np.float32) -> torch.Tensor:
-    """``lam * targets + (1 - lam) * other`` for one float32 lam: the float32 operations of
-    :meth:`Mix._mix_targets`, bit for bit (numpy's on a CPU batch, a few microseconds cheaper per op)."""
-    rest = np.float32(1.0) - lam
-    if targets.device.type != "cpu" or targets.requires_grad or other.requires_grad:
-        return targets * float(lam) + other * float(rest)
-    out = targets.numpy() * lam
-    out += other.numpy() * rest
-    return torch.from_numpy(out)
-
-
 class RecursiveMix(Mix):
     """RecursiveMix as one stateful callable: ``mix(images, targets) -> MixedBatch``.
 
@@ -210,7 +199,7 @@ class RecursiveMix(Mix):
                 lam_value = np.float32(1.0 - area / float(height * width))  # box_lam's arithmetic
                 boxes = _host_tensor(np.array([[x1, y1, x2, y2]], dtype=np.float32).repeat(n, 0), device)
                 lam = _host_tensor(np.full(n, lam_value, dtype=np.float32), device)
-                targets = _mix_targets_scalar(targets, hist_targets, lam_value)
+                targets = self._mix_targets_scalar(targets, hist_targets, lam_value)
         else:
             boxes_np = sample_boxes(self.rng, self._draw_ratio(n), height, width)
             paste_per_sample(images, src, boxes_np, self.interpolation)

@@ -102,6 +102,21 @@ def test_batch_box_targets_are_the_float32_formula_bit_for_bit():
         previous = out.targets.clone()
 
 
+@pytest.mark.parametrize("cls", [Mixup, CutMix])
+def test_partner_mix_targets_are_the_float32_formula_bit_for_bit(cls):
+    mix = cls(alpha=1.0, num_classes=10, smoothing=0.1, seed=7)
+    partners = []
+    draw = mix._partner
+    mix._partner = lambda n, device: partners.append(draw(n, device)) or partners[-1]
+    for seed in range(5):
+        x, y = batch(n=8, seed=seed)
+        out = mix(x, y)
+        soft = smooth_one_hot(y, 10, 0.1)
+        lam = out.lam[:, None]
+        want = soft if out.boxes is None and cls is CutMix else lam * soft + (1.0 - lam) * soft[partners[-1]]
+        assert torch.equal(out.targets, want)
+
+
 def test_history_is_previous_mixed_output():
     mix = RecursiveMix(alpha=1.0, num_classes=10, seed=1)
     xs = [batch(seed=s) for s in range(4)]
