@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import byte_shuffle
 from .host_threads import over_batch
 
 
@@ -124,7 +125,8 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: Sequence[int], mode
 
     Nearest on a CPU batch (uint8 or float32) is one compiled pass (numba) that reads each pasted pixel from
     its nearest source pixel and writes it straight into the box, split over the caller's intra-op threads:
-    no temporary batch. Torch's own ops are slower there (``upsample_nearest2d`` has no fast uint8 kernel,
+    no temporary batch; a uint8 batch at least 16 pixels wide copies 16 pixels per byte shuffle
+    (:mod:`rmix.byte_shuffle`, on x86-64 CPUs). Torch's own ops are slower there (``upsample_nearest2d`` has no fast uint8 kernel,
     ``index_select`` along the last axis copies byte by byte, and both wake the OpenMP pool that DALI's
     threads share the cores with); without numba they remain the path. On a GPU a uint8 batch gathers the
     box's rows and then its columns with ``index_select``; float keeps ``F.interpolate``. Every path equals
@@ -137,13 +139,19 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: Sequence[int], mode
         dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
         return
     kernel = _paste_nearest
-    if (kernel is not None and dst.device.type == "cpu" and src.dtype == dst.dtype
-            and dst.dtype in (torch.uint8, torch.float32) and not dst.requires_grad):
+    if dst.device.type == "cpu" and src.dtype == dst.dtype and not dst.requires_grad:
         d, s = dst.numpy(), src.numpy()
-        r, c = _nearest_host(y2 - y1, src.shape[2]), _nearest_host(x2 - x1, src.shape[3])
-        pasted_bytes = dst.shape[0] * dst.shape[1] * r.shape[0] * c.shape[0] * dst.element_size()
-        over_batch(lambda a, b: kernel(d[a:b], s[a:b], r, c, y1, x1), dst.shape[0], pasted_bytes)
-        return
+        shuffle = byte_shuffle.usable(d, s)  # uint8: 16 pixels per byte shuffle instead of one per load
+        if shuffle or (kernel is not None and dst.dtype in (torch.uint8, torch.float32)):
+            r, c = _nearest_host(y2 - y1, src.shape[2]), _nearest_host(x2 - x1, src.shape[3])
+            pasted_bytes = dst.shape[0] * dst.shape[1] * r.shape[0] * c.shape[0] * dst.element_size()
+            if shuffle:
+                p = byte_shuffle.plan(c, x1, d.shape[3], s.shape[3])
+                over_batch(lambda a, b: byte_shuffle.paste(d[a:b], s[a:b], r, y1, p), dst.shape[0], pasted_bytes,
+                           byte_shuffle.MIN_CHUNK_BYTES)
+            else:
+                over_batch(lambda a, b: kernel(d[a:b], s[a:b], r, c, y1, x1), dst.shape[0], pasted_bytes)
+            return
     if src.is_floating_point():
         dst[:, :, y1:y2, x1:x2] = resize(src, (y2 - y1, x2 - x1), mode)
         return

@@ -32,11 +32,13 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def over_batch(kernel: Callable[[int, int], None], n: int, nbytes: int) -> None:
+def over_batch(kernel: Callable[[int, int], None], n: int, nbytes: int, min_chunk_bytes: int = 0) -> None:
     """Call ``kernel(start, stop)`` on contiguous chunks of ``range(n)`` that together cover it once:
     the first chunk in the calling thread, the others in a pool, one per intra-op thread, when the
-    ``nbytes`` the kernel writes are worth it. Exceptions propagate."""
-    threads = min(torch.get_num_threads(), n, max(1, nbytes // MIN_CHUNK_BYTES))
+    ``nbytes`` the kernel writes are worth it: at least ``min_chunk_bytes`` per thread (default
+    :data:`MIN_CHUNK_BYTES`; a kernel that writes many bytes per microsecond asks for more). Exceptions
+    propagate."""
+    threads = min(torch.get_num_threads(), n, max(1, nbytes // (min_chunk_bytes or MIN_CHUNK_BYTES)))
     if threads <= 1:
         kernel(0, n)
         return

@@ -409,17 +409,34 @@ def test_exact_on_uint8_means_mixing_commutes_with_normalisation(cls, kw, exact)
     assert same == exact
 
 
-@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def _cpu_has_ssse3() -> bool:
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        return " ssse3 " in f" {open('/proc/cpuinfo').read().replace(chr(10), ' ')} "
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("kernel", ["shuffle", "numba", "torch"])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 @pytest.mark.parametrize("size,box", [((40, 48), (3, 5, 30, 39)), ((160, 224), (10, 7, 200, 150)),
                                       ((32, 32), (0, 0, 32, 32)), ((64, 80), (70, 2, 80, 3))])
 def test_nearest_paste_equals_interpolate_on_every_path(size, box, dtype, kernel, monkeypatch):
-    """paste_one_box, nearest: numba's one-pass kernel on the CPU, and torch's paths without numba (numpy's
-    take for wide uint8 boxes, index_select for narrow ones, F.interpolate for float) are all
-    F.interpolate(mode='nearest') of the whole source written into the box, bit for bit, in any memory
-    format; pixels outside the box are untouched."""
-    from rmix import boxes
+    """paste_one_box, nearest: the byte-shuffle kernel (uint8, x86-64), numba's scalar one-pass kernel on
+    the CPU, and torch's paths without numba (numpy's take for wide uint8 boxes, index_select for narrow
+    ones, F.interpolate for float) are all F.interpolate(mode='nearest') of the whole source written into
+    the box, bit for bit, in any memory format; pixels outside the box are untouched."""
+    from rmix import boxes, byte_shuffle
 
+    if kernel == "shuffle":
+        if not _cpu_has_ssse3():
+            pytest.skip("the byte-shuffle kernel needs an x86-64 CPU with SSSE3")
+        assert byte_shuffle.AVAILABLE  # the Makefile installs numba: on this CPU the shuffles must run
+    else:
+        monkeypatch.setattr(byte_shuffle, "AVAILABLE", False)
     if kernel == "torch":
         monkeypatch.setattr(boxes, "_paste_nearest", None)
     else:
@@ -434,6 +451,50 @@ def test_nearest_paste_equals_interpolate_on_every_path(size, box, dtype, kernel
         want[:, :, y1:y2, x1:x2] = torch.nn.functional.interpolate(src, size=(y2 - y1, x2 - x1), mode="nearest")
         boxes.paste_one_box(dst, src, np.array(box), "nearest")
         assert torch.equal(dst, want), fmt
+
+
+@pytest.mark.skipif(not _cpu_has_ssse3(), reason="the byte-shuffle kernel needs an x86-64 CPU with SSSE3")
+def test_byte_shuffle_paste_equals_interpolate_on_random_geometries(monkeypatch):
+    """The byte-shuffle plan on boxes of every kind: narrower than 16 pixels (one chunk that keeps the pixels
+    beside the box, at the right edge too), a last chunk that overlaps its neighbour, downscales that need
+    from 1 to 16 source windows per chunk, sources narrower and wider than the destination; and a history
+    batch big enough for the prefetching branch. Each is F.interpolate(mode='nearest') written into the box,
+    bit for bit, and the kernel really ran (the scalar kernels are disabled)."""
+    from rmix import boxes, byte_shuffle
+
+    assert byte_shuffle.AVAILABLE
+    monkeypatch.setattr(boxes, "_paste_nearest", None)  # so a fallback would take torch's path ...
+    ran = []
+    real = byte_shuffle.paste
+    monkeypatch.setattr(byte_shuffle, "paste", lambda d, *a: (ran.append(d.shape[0]), real(d, *a)))  # counted
+
+    rng = np.random.default_rng(7)
+    shapes = [((2, 3, 32, 32), (32, 32)), ((2, 3, 40, 16), (40, 16)), ((2, 3, 24, 200), (30, 17)),
+              ((2, 3, 50, 20), (60, 300)), ((1, 2, 9, 33), (5, 40))]
+    for trial in range(250):
+        (n, c, h, w), (ih, iw) = shapes[trial % len(shapes)]
+        src = torch.from_numpy(rng.integers(0, 256, (n, c, ih, iw), dtype=np.uint8))
+        dst = torch.from_numpy(rng.integers(0, 256, (n, c, h, w), dtype=np.uint8))
+        bw = int(rng.integers(1, w + 1)) if trial % 3 else int(rng.integers(1, min(w, 15) + 1))
+        bh = int(rng.integers(1, h + 1))
+        x1 = int(rng.integers(0, w - bw + 1)) if trial % 4 else w - bw  # every fourth box at the right edge
+        y1 = int(rng.integers(0, h - bh + 1))
+        want = dst.clone()
+        want[:, :, y1:y1 + bh, x1:x1 + bw] = torch.nn.functional.interpolate(src, size=(bh, bw), mode="nearest")
+        boxes.paste_one_box(dst, src, (x1, y1, x1 + bw, y1 + bh), "nearest")
+        assert torch.equal(dst, want), (trial, (n, c, h, w), (ih, iw), (x1, y1, bw, bh))
+    # beyond PREFETCH_FROM_BYTES: the rows ahead are prefetched (hints only: the result must not change)
+    big = (2, 3, 800, 1088)
+    assert np.prod(big) >= byte_shuffle.PREFETCH_FROM_BYTES
+    src = torch.from_numpy(rng.integers(0, 256, big, dtype=np.uint8))
+    for box in [(200, 150, 744, 550), (0, 0, 1088, 800), (1000, 790, 1088, 800), (5, 3, 400, 700)]:
+        dst = torch.from_numpy(rng.integers(0, 256, big, dtype=np.uint8))
+        want = dst.clone()
+        x1, y1, x2, y2 = box
+        want[:, :, y1:y2, x1:x2] = torch.nn.functional.interpolate(src, size=(y2 - y1, x2 - x1), mode="nearest")
+        boxes.paste_one_box(dst, src, box, "nearest")
+        assert torch.equal(dst, want), box
+    assert sum(ran) == sum(shapes[t % len(shapes)][0][0] for t in range(250)) + 4 * big[0]  # every sample, once
 
 
 def test_over_batch_covers_the_batch_once_in_the_callers_threads(monkeypatch):
@@ -460,6 +521,9 @@ def test_over_batch_covers_the_batch_once_in_the_callers_threads(monkeypatch):
     seen.clear()
     host_threads.over_batch(kernel, 2, nbytes=10 * host_threads.MIN_CHUNK_BYTES)  # never more chunks than rows
     assert sorted(seen) == [(0, 1), (1, 2)]
+    seen.clear()
+    host_threads.over_batch(kernel, 10, nbytes=5 << 20, min_chunk_bytes=2 << 20)  # a kernel's own threshold
+    assert sorted(seen) == [(0, 5), (5, 10)]
 
     def boom(a, b):
         if a > 0:
