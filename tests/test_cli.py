@@ -82,3 +82,21 @@ def test_no_import_runs_back_up(package):
         upward = _imports(path) & (set(FLOORS) - FLOORS[package] - {package})
         assert not upward, f"{path.relative_to(REPO)} imports {sorted(upward)} from above"
         assert "importlib.import_module" not in path.read_text(), path
+
+
+def test_bench_dense_runs_every_cell_side_by_side(tmp_path, capsys):
+    """A tiny ``rmix bench dense``: both tasks, stock and ours, RM off and on, each cell timed in every round;
+    the paired RM cost and the mix's own time per batch reach dense.json."""
+    import json
+
+    cli.main(["bench", "dense", "--work", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--images", "16",
+              "--repeats", "2", "--workers", "1"])
+    result = json.loads((tmp_path / "out" / "dense.json").read_text())
+    cells = {(r["task"], r["loader"], r["rm"]) for r in result["rows"]}
+    assert cells == {(t, l, rm) for t in ("det", "seg") for l in ("stock", "dali") for rm in (False, True)}
+    assert all(len(r["walls"]) == 2 and r["images"] > 0 for r in result["rows"])
+    for task in ("det", "seg"):
+        s = result["summary"][task]
+        assert s["mix_ms_per_batch"] > 0 and s["batch_ms_rm_off"] > 0
+        assert s["rm_cost_dali_rounds"][0] <= s["rm_cost_dali"] <= s["rm_cost_dali_rounds"][1]
+    assert "too few to tell it from noise" in capsys.readouterr().out

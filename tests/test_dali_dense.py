@@ -364,6 +364,7 @@ def test_eval_batches_equal_the_stock_loader(data, tmp_path, task):
                 assert torch.allclose(sa.gt_instances.bboxes.tensor, sb.gt_instances.bboxes.tensor)
                 assert torch.equal(sa.gt_instances.labels, sb.gt_instances.labels)
             else:
+                assert sa.gt_sem_seg.data.dtype == sb.gt_sem_seg.data.dtype == torch.int64  # PackSegInputs' dtype
                 assert torch.equal(sa.gt_sem_seg.data, sb.gt_sem_seg.data)
 
 
@@ -568,6 +569,7 @@ def test_host_path_matches_the_dali_graph(data, task):
             if task == "det":
                 assert torch.allclose(sa.gt_instances.bboxes.tensor, sb.gt_instances.bboxes.tensor)
             else:
+                assert sa.gt_sem_seg.data.dtype == sb.gt_sem_seg.data.dtype == torch.int64  # PackSegInputs' dtype
                 assert torch.equal(sa.gt_sem_seg.data, sb.gt_sem_seg.data)
 
 

@@ -82,6 +82,46 @@ def measure(job: Callable[[], int], repeats: int, device="cpu", warmup: bool = T
     return Timing(walls, cpus, items)
 
 
+def measure_side_by_side(jobs: dict, repeats: int, device="cpu", warmup: bool = True) -> dict:
+    """Time several jobs side by side: each warmed up once, then ``repeats`` rounds that run every job once,
+    the order rotating each round. A change in the host's load over the run then falls on every job alike,
+    and round ``r`` of one job can be paired with round ``r`` of another (:func:`paired`). Returns one
+    :class:`Timing` per name of ``jobs``."""
+    names = list(jobs)
+    items = {k: jobs[k]() if warmup else 0 for k in names}
+    walls: dict = {k: [] for k in names}
+    cpus: dict = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            c0, t0 = tree_cpu_seconds(), time.perf_counter()
+            items[k] = jobs[k]()
+            sync(device)
+            walls[k].append(time.perf_counter() - t0)
+            cpus[k].append(tree_cpu_seconds() - c0)
+    return {k: Timing(walls[k], cpus[k], items[k]) for k in names}
+
+
+def paired(a: Timing, b: Timing) -> tuple[float, float, float]:
+    """Rate of ``a`` over rate of ``b`` per round of one :func:`measure_side_by_side` run: (median, min, max).
+    Pairing each round with the same round of the other job cancels the drift that unpaired medians keep."""
+    if len(a.walls) != len(b.walls):
+        raise ValueError(f"paired() needs the same rounds, got {len(a.walls)} and {len(b.walls)}")
+    ratios = [(a.items / wa) / (b.items / wb) for wa, wb in zip(a.walls, b.walls)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def cost_in_words(on: Timing, off: Timing) -> str:
+    """What switching something on costs in items/s, from paired rounds, saying plainly when the rounds
+    disagree on its sign (the difference is then inside the noise)."""
+    mid, lo, hi = paired(on, off)
+    cost, worst, best = 1 - mid, 1 - lo, 1 - hi
+    if len(on.walls) < 3:
+        return f"{100 * cost:.1f}% ({len(on.walls)} round(s): too few to tell it from noise; use --repeats 3 or more)"
+    words = f"{100 * cost:.1f}% (per round {100 * best:.1f} to {100 * worst:.1f}%)"
+    return words + (" -- inside the noise: the rounds disagree on its sign" if best < 0 < worst else "")
+
+
 def compare(a: Timing, b: Timing) -> str:
     """``a`` relative to ``b`` in words, saying plainly when the difference is inside the noise."""
     ratio = a.per_s / b.per_s

@@ -13,7 +13,9 @@ its pipeline then), with the min-max spread:
   ``jpg`` beton written by its ``DatasetWriter``, the ffcv-imagenet train pipeline with ``NormalizeImage``);
 * references: the decode-only limit (OpenCV/libjpeg-turbo on all cores, no augmentation);
 * ours: each backend x mix off / RecursiveMix / CutMix, exactly as the trainer drives it (logits are
-  handed back to the mix every step).
+  handed back to the mix every step). A backend's three loaders run side by side, one epoch each per round
+  (``tools.timing.measure_side_by_side``), and a mix's cost is the median of each round's own ratio, printed
+  with its range over the rounds.
 
 Images/s and images per CPU-second of the whole process tree (``tools.timing``: DataLoader and FFCV
 workers included). Writes ``bench.json`` and ``bench.png`` and prints a table and the ratios the design
@@ -41,7 +43,7 @@ from shards.build import ShardParams, build
 from shards.manifest import load_manifest
 from shards.reader import iter_tar, split_files
 from tools.photos import write_photo_cifar, write_photo_imagefolder
-from tools.timing import Timing, compare, measure
+from tools.timing import Timing, compare, cost_in_words, measure, measure_side_by_side
 
 MIXES = {"off": lambda: None, "recursive_mix": lambda: RecursiveMix(0.5, seed=0), "cutmix": lambda: CutMix(1.0, seed=0)}
 ANCHOR_TV = "torchvision DataLoader"
@@ -213,7 +215,7 @@ def run(args, device, workers: int) -> list:
     rows = []
 
     def record(dataset, backend, mix, job, kind="ours"):
-        t = measure(job, args.repeats, device)
+        t = job if isinstance(job, Timing) else measure(job, args.repeats, device)
         row = dict(dataset=dataset, backend=backend, mix=mix, kind=kind, images=t.items, s_median=t.wall,
                    walls=t.walls, cpus=t.cpus, img_per_s=t.per_s, img_per_cpu_s=t.per_cpu_s, device=str(device))
         rows.append(row)
@@ -237,11 +239,14 @@ def run(args, device, workers: int) -> list:
                 continue
             if dataset == "cifar" and backend == "torch" and not args.cifar_torch:
                 continue  # webdataset PNG decode of 50k samples per epoch: minutes; --cifar-torch to include
-            for mix_name, make_mix in MIXES.items():
-                loader = build_loader(manifest, "train", backend=backend, batch_size=batch, train=True, device=device,
-                                      mix=make_mix(), num_workers=workers)
-                record(dataset, backend, mix_name, loader_epochs(loader))
-                del loader
+            # a backend's mixes side by side, round by round: the cost of a mix is paired per round
+            jobs = {mix_name: loader_epochs(build_loader(manifest, "train", backend=backend, batch_size=batch,
+                                                         train=True, device=device, mix=make_mix(),
+                                                         num_workers=workers))
+                    for mix_name, make_mix in MIXES.items()}
+            for mix_name, t in measure_side_by_side(jobs, args.repeats, device).items():
+                record(dataset, backend, mix_name, t)
+            del jobs
     return rows
 
 
@@ -271,10 +276,9 @@ def summary(rows: list) -> list[str]:
         for be in ("dali", "memory", "ffcv"):
             on, off = get.get((ds, be, "recursive_mix")), get.get((ds, be, "off"))
             if on and off:
-                cost = 1 - on.per_s / off.per_s
                 goal = GOALS["rm_cost_memory"] if be == "memory" else GOALS["rm_cost_dali"]
-                lines.append(f"{ds} {be}: RecursiveMix / no mix = {compare(on, off)}; cost {100 * cost:.1f}% "
-                             f"(goal <= {100 * goal:.0f}%)")
+                lines.append(f"{ds} {be}: RecursiveMix costs {cost_in_words(on, off)} of img/s, paired round by "
+                             f"round (goal <= {100 * goal:.0f}%)")
     if ("cifar", "memory", "recursive_mix") in get:
         lines.append(f"CIFAR memory path with RecursiveMix: {get[('cifar', 'memory', 'recursive_mix')].per_s:,.0f} img/s "
                      f"(goal >= {GOALS['memory_rm_img_s']:,})")
