@@ -277,8 +277,8 @@ def summary(rows: list) -> list[str]:
             on, off = get.get((ds, be, "recursive_mix")), get.get((ds, be, "off"))
             if on and off:
                 goal = GOALS["rm_cost_memory"] if be == "memory" else GOALS["rm_cost_dali"]
-                lines.append(f"{ds} {be}: RecursiveMix costs {cost_in_words(on, off)} of img/s, paired round by "
-                             f"round (goal <= {100 * goal:.0f}%)")
+                lines.append(f"{ds} {be}: RecursiveMix's cost in img/s, paired round by round: "
+                             f"{cost_in_words(on, off)} (goal <= {100 * goal:.0f}%)")
     if ("cifar", "memory", "recursive_mix") in get:
         lines.append(f"CIFAR memory path with RecursiveMix: {get[('cifar', 'memory', 'recursive_mix')].per_s:,.0f} img/s "
                      f"(goal >= {GOALS['memory_rm_img_s']:,})")
