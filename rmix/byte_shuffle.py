@@ -97,7 +97,6 @@ if AVAILABLE:
                 builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
                 "llvm.prefetch.p0i8")
             ptr = builder.inttoptr(addr, ir.IntType(8).as_pointer())
-            rw = builder.zext(write, i32)
             with builder.if_else(write) as (then, otherwise):
                 with then:
                     builder.call(fn, [ptr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
