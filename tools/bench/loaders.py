@@ -325,7 +325,7 @@ def plot(rows: list, path: Path) -> None:
             ax.set_title(f"{ds}-like ({sel[0]['device']}): {label}")
             handles, labels = ax.get_legend_handles_labels()
             uniq = dict(zip(labels, handles))
-            ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="upper right")
+            ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
