@@ -107,6 +107,53 @@ def test_det_visibility_threshold_and_clip_mode_are_parameters():
     assert torch.equal(out.labels[0], labels(10, 11, 13, 14, 15, 5, 6))
 
 
+@pytest.mark.parametrize("box", ["batch", "sample"])
+def test_det_random_batches_equal_a_per_sample_reference(box):
+    """Many samples with 0-6 boxes each, over several steps: each sample's output is, in order, its kept
+    current boxes (visible fraction >= min_visible and > 0) and then its history sample's boxes scaled into the
+    paste, clipped to it and kept when at least min_size wide and high -- computed here one sample at a time,
+    so the batched gather and per-sample split of the mix are checked against an independent loop."""
+    rng = np.random.default_rng(3)
+    height, width, min_visible, min_size = 48, 64, 0.4, 2.0
+    mix = DetRecursiveMix(alpha=0.8, box=box, min_visible=min_visible, min_size=min_size, clip="none", seed=5)
+    prev = None
+    for step in range(6):
+        n = 5
+        boxes, labs = [], []
+        for _ in range(n):
+            k = int(rng.integers(0, 7))
+            x1, y1 = rng.uniform(0, width - 4, k), rng.uniform(0, height - 4, k)
+            b = np.stack([x1, y1, x1 + rng.uniform(0, 24, k), y1 + rng.uniform(0, 24, k)], 1).reshape(k, 4)
+            boxes.append(torch.tensor(b, dtype=torch.float32))
+            labs.append(torch.from_numpy(rng.integers(0, 9, k)))
+        out = mix(torch.zeros(n, 3, height, width), [b.clone() for b in boxes], [l.clone() for l in labs])
+        if prev is None:
+            assert out.mix_boxes is None
+        else:
+            for i in range(n):
+                px1, py1, px2, py2 = (float(v) for v in out.mix_boxes[i])
+                want_b, want_l = [], []
+                for b, l in zip(boxes[i].tolist(), labs[i].tolist()):
+                    area = max(b[2] - b[0], 0) * max(b[3] - b[1], 0)
+                    inter = max(min(b[2], px2) - max(b[0], px1), 0) * max(min(b[3], py2) - max(b[1], py1), 0)
+                    visible = 1 - inter / area if area > 0 else float(not (px1 <= b[0] and b[2] <= px2
+                                                                           and py1 <= b[1] and b[3] <= py2))
+                    if visible > 0 and visible >= min_visible:
+                        want_b.append(b)
+                        want_l.append(l)
+                sx, sy = (px2 - px1) / width, (py2 - py1) / height
+                for b, l in zip(prev.boxes[i].tolist(), prev.labels[i].tolist()):
+                    q = [min(max(b[0] * sx + px1, px1), px2), min(max(b[1] * sy + py1, py1), py2),
+                         min(max(b[2] * sx + px1, px1), px2), min(max(b[3] * sy + py1, py1), py2)]
+                    if q[2] - q[0] >= min_size and q[3] - q[1] >= min_size and px2 > px1 and py2 > py1:
+                        want_b.append(q)
+                        want_l.append(l)
+                assert out.labels[i].tolist() == want_l, (step, i)
+                assert torch.allclose(out.boxes[i], torch.tensor(want_b, dtype=torch.float32).reshape(-1, 4),
+                                      atol=1e-4), (step, i)
+        prev = out
+
+
 def test_det_clip_each_side_band():
     """The paste spans the box's full extent on one axis and covers one edge: that side moves."""
     mix = DetRecursiveMix(min_visible=0.0)
