@@ -126,9 +126,9 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: Sequence[int], mode
     Nearest on a CPU batch (uint8 or float32) is one compiled pass (numba) that reads each pasted pixel from
     its nearest source pixel and writes it straight into the box, split over the caller's intra-op threads:
     no temporary batch; a uint8 batch at least 16 pixels wide copies 16 pixels per byte shuffle
-    (:mod:`rmix.byte_shuffle`, on x86-64 CPUs). Torch's own ops are slower there (``upsample_nearest2d`` has no fast uint8 kernel,
-    ``index_select`` along the last axis copies byte by byte, and both wake the OpenMP pool that DALI's
-    threads share the cores with); without numba they remain the path. On a GPU a uint8 batch gathers the
+    (:mod:`rmix.byte_shuffle`, on x86-64 CPUs). Torch's own ops are slower there (``upsample_nearest2d``
+    has no fast uint8 kernel, ``index_select`` along the last axis copies byte by byte, and both wake the
+    OpenMP pool that DALI's threads share the cores with); without numba they remain the path. On a GPU a uint8 batch gathers the
     box's rows and then its columns with ``index_select``; float keeps ``F.interpolate``. Every path equals
     ``F.interpolate(mode='nearest')`` bit for bit.
     """

@@ -70,16 +70,7 @@ class Timing:
 
 def measure(job: Callable[[], int], repeats: int, device="cpu", warmup: bool = True) -> Timing:
     """Run ``job`` (returns the number of items it processed) once to warm up, then ``repeats`` times."""
-    items = job() if warmup else 0
-    walls, cpus = [], []
-    for _ in range(repeats):
-        sync(device)
-        c0, t0 = tree_cpu_seconds(), time.perf_counter()
-        items = job()
-        sync(device)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(tree_cpu_seconds() - c0)
-    return Timing(walls, cpus, items)
+    return measure_side_by_side({"job": job}, repeats, device, warmup)["job"]
 
 
 def measure_side_by_side(jobs: dict, repeats: int, device="cpu", warmup: bool = True) -> dict:
