@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from rmix import Mix, MixedBatch, NoMix
+from rmix.boxes import PastePlan
 from shards.manifest import load_manifest
 from shards.remote import RemoteOptions, ShardCache, split_is_remote
 
@@ -185,23 +186,30 @@ class Loader:
 
     def __iter__(self) -> Iterator[MixedBatch]:
         one_thread = self.device.type == "cpu" and self.decodes_in_parallel
-        for images, labels in self._batches(self.position):
+        for raw in self._batches(self.position):  # (images, labels), or with the mix's paste already applied
             self.position += 1
             with one_torch_thread(one_thread):
-                batch = self._finish(images, labels)
+                batch = self._finish(*raw)
             yield batch
         # a full pass ends the epoch: the next iteration is the next epoch
         self.set_epoch(self.epoch + 1)
 
-    def _finish(self, images: torch.Tensor, labels: torch.Tensor) -> MixedBatch:
+    def _mixes_uint8(self) -> bool:
+        """Whether a uint8 batch is mixed before its normalisation (see :meth:`_finish`)."""
+        return self.mix.exact_on_uint8 and not (self.preset.lighting and self.train)
+
+    def _finish(self, images: torch.Tensor, labels: torch.Tensor, pasted: Optional[PastePlan] = None) -> MixedBatch:
         # A uint8 batch is mixed before normalisation when the mix only copies pixels (nearest paste,
         # CutMix): normalisation is a per-channel affine map, so the result is the same, on a quarter
         # of the bytes, and normalisation becomes the one float conversion the batch needs anyway.
         # PCA lighting is per sample and must act before the paste, so it keeps the float order.
-        if not images.is_floating_point() and self.mix.exact_on_uint8 and not (self.preset.lighting and self.train):
-            batch = self.mix(images, labels)
+        # ``pasted``: a backend that asked the mix for its paste ahead (``mix.plan_paste``) applied it already.
+        if not images.is_floating_point() and self._mixes_uint8():
+            batch = self.mix(images, labels) if pasted is None else self.mix(images, labels, pasted=pasted)
             batch.images = self._to_model(self._normalise(batch.images))
         else:
+            if pasted is not None:
+                raise RuntimeError(f"{self.backend}: a paste was planned for a batch that is mixed after normalisation")
             if not images.is_floating_point():
                 images = self._normalise(images)
             if self.preset.lighting and self.train:

@@ -8,6 +8,11 @@ cifar10-airbench). The epoch order is a permutation drawn from ``derive_seed(see
 once across ranks. Augmentation draws come from ``derive_seed(seed, rank, epoch, "augment", batch)``,
 so resuming at batch k needs no state at all.
 
+On the CPU the crop is one compiled pass, and a RecursiveMix box (one per batch, nearest) is drawn
+before it (:meth:`rmix.RecursiveMix.plan_paste`): the same pass copies the history pixels into the box,
+so the mix neither walks the batch a second time nor wakes the threads again. Batches, targets, boxes
+and draws are those of the plain route (the torch crop, then the mix's own paste), bit for bit.
+
 Start checks: the tars are checked against their ``.idx`` (:mod:`pipelines.checks`), then read with
 :func:`shards.reader.iter_tar`; a sample count or a label that disagrees with the manifest, or a
 sample without its image or ``.cls``, is one :class:`ShardError` line naming the tar. Every image is
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,6 +34,7 @@ try:
 except ImportError:  # pragma: no cover - numba comes with the ffcv extra
     numba = None
 
+from rmix.boxes import PastePlan
 from rmix.host_threads import over_batch
 from shards.checks import check_wds_split
 from shards.errors import ShardError
@@ -119,10 +125,15 @@ if numba is not None:
             out[start + np.uint64(k)] = 0
 
     @numba.njit(nogil=True, cache=False)
-    def _select_crop_flip(src, sel, dy, dx, flips, pad, out):  # pragma: no cover - compiled
+    def _select_crop_flip(src, sel, dy, dx, flips, pad, out, hist, hist_sel, box_rows, box_cols, bx, by):  # pragma: no cover - compiled
         n_, c_, h, w = out.shape
         plane = h * w
         flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+        # the planned paste (rmix.boxes.PastePlan): box rows by.. read history rows box_rows, its columns
+        # bx.. read history columns box_cols; no rows when nothing is pasted
+        hist_h, hist_w = hist.shape[2], hist.shape[3]
+        flat_hist = hist.reshape(-1)
+        nb_rows, nb_cols = box_rows.shape[0], box_cols.shape[0]
         for n in range(n_):
             oy, ox, f = dy[n] - pad, dx[n] - pad, flips[n]
             # output columns [lo, hi) read a source column inside the image, the others are zero padding
@@ -134,37 +145,68 @@ if numba is not None:
                     row, sy = np.uint64(out_plane + y * w), y + oy
                     if sy < 0 or sy >= h or width == 0:
                         _zeros(flat_out, row, w)
-                        continue
-                    _zeros(flat_out, row, lo)
-                    _zeros(flat_out, row + np.uint64(lo + width), w - lo - width)
-                    first = row + np.uint64(lo)
-                    if f:  # output column x reads source column w - 1 - x + ox
-                        last = np.uint64(src_plane + sy * w + w - 1 + ox - lo)
-                        for k in range(width):
-                            flat_out[first + np.uint64(k)] = flat_src[last - np.uint64(k)]
-                    else:  # output column x reads source column x + ox
-                        start = np.uint64(src_plane + sy * w + ox + lo)
-                        for k in range(width):
-                            flat_out[first + np.uint64(k)] = flat_src[start + np.uint64(k)]
+                    else:
+                        _zeros(flat_out, row, lo)
+                        _zeros(flat_out, row + np.uint64(lo + width), w - lo - width)
+                        first = row + np.uint64(lo)
+                        if f:  # output column x reads source column w - 1 - x + ox
+                            last = np.uint64(src_plane + sy * w + w - 1 + ox - lo)
+                            for k in range(width):
+                                flat_out[first + np.uint64(k)] = flat_src[last - np.uint64(k)]
+                        else:  # output column x reads source column x + ox
+                            start = np.uint64(src_plane + sy * w + ox + lo)
+                            for k in range(width):
+                                flat_out[first + np.uint64(k)] = flat_src[start + np.uint64(k)]
+                    # the paste overwrites the box's part of the row while the row is in cache
+                    i = y - by
+                    if 0 <= i < nb_rows:
+                        at = row + np.uint64(bx)
+                        hist_row = np.uint64((hist_sel[n] * c_ + c) * hist_h * hist_w) + box_rows[i] * np.uint64(hist_w)
+                        for k in range(nb_cols):
+                            flat_out[at + np.uint64(k)] = flat_hist[hist_row + box_cols[k]]
+
+
+def fuses_paste(images: torch.Tensor) -> bool:
+    """Whether :func:`select_crop_flip` copies a planned paste in its own pass for this dataset tensor."""
+    return images.device.type == "cpu" and numba is not None and images.is_contiguous()
+
+
+_NO_ROWS = np.zeros(0, dtype=np.uint64)
+_NO_SEL = np.zeros(0, dtype=np.int64)
 
 
 def select_crop_flip(images: torch.Tensor, sel: torch.Tensor, pad: int, gen: torch.Generator,
-                     flip: bool = True) -> torch.Tensor:
-    """``batch_crop_flip(images.index_select(0, sel), pad, gen, flip)`` bit for bit, in one pass.
+                     flip: bool = True, paste: Optional[PastePlan] = None) -> torch.Tensor:
+    """``batch_crop_flip(images.index_select(0, sel), pad, gen, flip)`` bit for bit, in one pass; then
+    ``paste.apply(batch)`` when a RecursiveMix paste was planned (:meth:`rmix.RecursiveMix.plan_paste`).
 
     On the CPU (with numba, which comes with FFCV) the sample selection, zero-padded crop and flip are one
     pass of row copies instead of a select, a pad and two gathers (torch's uint8 gather copies byte by byte):
-    ~1 ms for a CIFAR batch of 512 here, against ~25 ms for the torch ops. The batch is split over the
-    intra-op threads (:func:`rmix.host_threads.over_batch`): nothing decodes beside this path. Elsewhere (a
-    GPU, no numba) it is those torch ops.
+    ~1 ms for a CIFAR batch of 512 here, against ~25 ms for the torch ops. The paste rides in the same pass:
+    each box row is overwritten with its history pixels right after the crop wrote it, so the mix neither
+    walks the batch again nor wakes the threads a second time. The batch is split over the intra-op threads
+    (:func:`rmix.host_threads.over_batch`): nothing decodes beside this path. Elsewhere (a GPU, no numba) it
+    is those torch ops and the plan's own paste.
     """
-    if images.device.type != "cpu" or numba is None or not images.is_contiguous():
-        return batch_crop_flip(images.index_select(0, sel), pad, gen, flip)
+    if not fuses_paste(images):
+        out = batch_crop_flip(images.index_select(0, sel), pad, gen, flip)
+        if paste is not None:
+            paste.apply(out)
+        return out
     n = sel.shape[0]
     dy, dx, flips = _crop_flip_draws(n, pad, gen, flip)
     out = torch.empty((n, *images.shape[1:]), dtype=images.dtype)
     src, o, s, y, x, f = images.numpy(), out.numpy(), sel.numpy(), dy.numpy(), dx.numpy(), flips.numpy()
-    over_batch(lambda a, b: _select_crop_flip(src, s[a:b], y[a:b], x[a:b], f[a:b], pad, o[a:b]), n, o.nbytes)
+    if paste is not None and paste.rows.shape[0] and paste.cols.shape[0]:
+        if paste.source.dtype != images.dtype or paste.source.shape[1] != images.shape[1]:
+            raise ValueError(f"the paste's source is {paste.source.dtype} with {paste.source.shape[1]} channels, "
+                             f"the dataset {images.dtype} with {images.shape[1]}")
+        hist, hsel, rows, cols = paste.source.contiguous().numpy(), paste.source_rows, paste.rows, paste.cols
+        bx, by = paste.box[0], paste.box[1]
+    else:  # nothing to paste: no box rows
+        hist, hsel, rows, cols, bx, by = src, _NO_SEL, _NO_ROWS, _NO_ROWS, 0, 0
+    over_batch(lambda a, b: _select_crop_flip(src, s[a:b], y[a:b], x[a:b], f[a:b], pad, o[a:b],
+                                              hist, hsel[a:b], rows, cols, bx, by), n, o.nbytes)
     return out
 
 
@@ -197,11 +239,16 @@ class MemoryLoader(Loader):
 
     def _batches(self, start: int) -> Iterator:
         idx = self._indices().to(self.device)
+        fused = fuses_paste(self.images) and self._mixes_uint8()
         for b in range(start, len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             if self.train:
                 gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.epoch, "augment", b))
-                images = select_crop_flip(self.images, sel, self.preset.pad, gen)
+                # RecursiveMix's paste is copied by the crop's own pass (one walk of the batch, one wake-up
+                # of the threads): measured in rmix bench loaders, see pipelines.memory.select_crop_flip
+                plan = (self.mix.plan_paste((sel.shape[0], *self.images.shape[1:]), self.images.dtype, self.device)
+                        if fused else None)
+                images = select_crop_flip(self.images, sel, self.preset.pad, gen, paste=plan)
+                yield images, self.labels.index_select(0, sel), plan
             else:
-                images = self.images.index_select(0, sel)
-            yield images, self.labels.index_select(0, sel)
+                yield self.images.index_select(0, sel), self.labels.index_select(0, sel)

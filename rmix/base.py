@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .batch import MixedBatch, as_soft_targets, check_images
+from .boxes import PastePlan
 
 
 class Mix:
@@ -35,10 +36,18 @@ class Mix:
         self.smoothing = smoothing
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> MixedBatch:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, pasted: Optional[PastePlan] = None) -> MixedBatch:
+        """Mix a batch. ``pasted``: the plan :meth:`plan_paste` returned, already applied to ``images``."""
         check_images(images, targets)
         soft = as_soft_targets(targets, self.num_classes, self.smoothing)
+        if pasted is not None:
+            return self._mix(images, soft.to(images.device), pasted=pasted)
         return self._mix(images, soft.to(images.device))
+
+    def plan_paste(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Optional[PastePlan]:
+        """The next call's paste, drawn before the batch of ``shape`` exists, or None (the default: the
+        call does its own work). See :meth:`rmix.RecursiveMix.plan_paste`."""
+        return None
 
     def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> MixedBatch:
         raise NotImplementedError

@@ -10,6 +10,7 @@ exclusive, which is what ``torchvision.ops.roi_align`` expects.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -166,6 +167,43 @@ def paste_one_box(dst: torch.Tensor, src: torch.Tensor, box: Sequence[int], mode
         np.take(picked.numpy(), cols.numpy(), axis=3, out=dst[:, :, y1:y2, x1:x2].numpy(), mode="clip")
         return
     dst[:, :, y1:y2, x1:x2] = picked.index_select(3, cols)
+
+
+@dataclass(frozen=True)
+class PastePlan:
+    """One batch-level nearest paste, decided before the batch's pixels exist.
+
+    A loader that writes the batch in a compiled pass of its own (the memory path's crop) can copy the
+    pasted pixels in that same pass instead of a second one over the finished batch
+    (:meth:`rmix.RecursiveMix.plan_paste`). Applying the plan to a batch gives what
+    ``paste_one_box(batch, source[source_rows], box, 'nearest')`` gives, bit for bit.
+
+    Attributes:
+        box: ``(x1, y1, x2, y2)`` in the batch's pixels; it may have zero area (nothing to paste).
+        source: (M, C, h, w) images resized into the box, on the host.
+        source_rows: (N,) int64, the row of ``source`` that sample i shows in its box.
+        rows, cols: uint64 nearest source row of each box row and source column of each box column
+            (PyTorch's rule, :func:`nearest_index`).
+    """
+
+    box: tuple[int, int, int, int]
+    source: torch.Tensor
+    source_rows: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @classmethod
+    def nearest(cls, box: Sequence[int], source: torch.Tensor, n: int) -> "PastePlan":
+        """The plan for ``box`` of an ``n``-sample batch, with sample i showing ``source[i % len(source)]``."""
+        x1, y1, x2, y2 = (int(v) for v in box)
+        h, w = max(y2 - y1, 0), max(x2 - x1, 0)
+        rows = _nearest_host(h, source.shape[2]) if h else np.zeros(0, np.uint64)
+        cols = _nearest_host(w, source.shape[3]) if w else np.zeros(0, np.uint64)
+        return cls((x1, y1, x2, y2), source, np.arange(n, dtype=np.int64) % source.shape[0], rows, cols)
+
+    def apply(self, dst: torch.Tensor) -> None:
+        """In place, the plain way: :func:`paste_one_box` of the plan's source rows (the reference)."""
+        paste_one_box(dst, self.source.index_select(0, torch.from_numpy(self.source_rows)), self.box, "nearest")
 
 
 def _source_coords(start: torch.Tensor, stop: torch.Tensor, out_len: int, in_len: int, mode: str):

@@ -39,7 +39,7 @@ import torch
 
 from .base import Mix
 from .batch import MixedBatch
-from .boxes import box_lam, paste_one_box, paste_per_sample, sample_box, sample_boxes
+from .boxes import PastePlan, box_lam, paste_one_box, paste_per_sample, sample_box, sample_boxes
 
 INTERPOLATIONS = ("nearest", "bilinear")
 BOX_MODES = ("batch", "sample")
@@ -114,6 +114,7 @@ class RecursiveMix(Mix):
         self._images: Optional[torch.Tensor] = None
         self._targets: Optional[torch.Tensor] = None
         self._logits: Optional[torch.Tensor] = None
+        self._planned: Optional[PastePlan] = None
 
     def set_epoch(self, epoch: int) -> None:
         if not self.keep_history_across_epochs:
@@ -156,15 +157,42 @@ class RecursiveMix(Mix):
         self._logits = None  # the new history has no logits until the trainer records them
 
     # -- mixing -------------------------------------------------------------------------------
+    def plan_paste(self, shape, dtype: torch.dtype, device: torch.device) -> Optional[PastePlan]:
+        """Draw the next call's box now, before the batch of ``shape`` (N, C, H, W) exists.
+
+        For a loader that writes its batch in a compiled pass of its own (the memory path's crop): it copies
+        the pasted history pixels in that pass, instead of a second pass over the finished batch, then calls
+        ``mix(images, targets, pasted=plan)``, which uses the plan's box instead of drawing one. The draws,
+        the batch, the targets and the history are then those of an ordinary call, bit for bit.
+
+        None when there is nothing to plan this way; the next call then does everything itself: no history
+        yet (that call draws nothing), a box per sample, bilinear, or a history of another dtype, device or
+        channel count than the batch. A new plan replaces one that was never passed to the mix.
+        """
+        self._planned = None  # a plan never passed on (an interrupted batch) is dropped; its draw stays spent
+        n, c, height, width = (int(v) for v in shape)
+        hist = self._images
+        if (hist is None or self.box != "batch" or self.interpolation != "nearest" or hist.dtype != dtype
+                or hist.device != torch.device(device) or hist.shape[1] != c):
+            return None
+        self._planned = PastePlan.nearest(self._draw_box(height, width), hist, n)
+        return self._planned
+
     def _draw_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         return sample_box(self.rng, math.sqrt(self.rng.uniform(0.0, self.alpha)), height, width)
 
     def _draw_ratio(self, n: int) -> np.ndarray:
         return np.sqrt(self.rng.uniform(0.0, self.alpha, size=n))
 
-    def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> MixedBatch:
+    def _mix(self, images: torch.Tensor, targets: torch.Tensor, pasted: Optional[PastePlan] = None) -> MixedBatch:
         n, _, height, width = images.shape
         device = images.device
+        planned, self._planned = self._planned, None
+        if pasted is not planned:  # a plan holds a draw: skipping it, or using a stale one, would change every later box
+            raise RuntimeError("plan_paste() drew this call's box: pass its plan as pasted=" if pasted is None
+                               else "pasted= must be the plan plan_paste() returned last")
+        if pasted is not None and (pasted.source_rows.shape[0] != n or pasted.box[2] > width or pasted.box[3] > height):
+            raise ValueError(f"the plan was drawn for another batch shape than {tuple(images.shape)}")
         if self._images is None:
             self._remember(images, targets)
             return MixedBatch(images, targets, None, self._full_lam(n, 1.0, device))
@@ -190,12 +218,13 @@ class RecursiveMix(Mix):
         if self.box == "batch":
             # One box for all, in as few operations as possible: a CIFAR batch of 512 pastes in ~0.3 ms, and each
             # small tensor op costs 5-20 us after the kernels have been through the caches.
-            x1, y1, x2, y2 = self._draw_box(height, width)
+            x1, y1, x2, y2 = self._draw_box(height, width) if pasted is None else pasted.box
             area = (x2 - x1) * (y2 - y1)
             if area == 0:  # side < 2 pixels: nothing pasted
                 boxes, lam, history_logits = None, self._full_lam(n, 1.0, device), None
             else:
-                paste_one_box(images, src, (x1, y1, x2, y2), self.interpolation)
+                if pasted is None:  # else the caller copied these pixels while it wrote the batch
+                    paste_one_box(images, src, (x1, y1, x2, y2), self.interpolation)
                 lam_value = np.float32(1.0 - area / float(height * width))  # box_lam's arithmetic
                 boxes = _host_tensor(np.array([[x1, y1, x2, y2]], dtype=np.float32).repeat(n, 0), device)
                 lam = _host_tensor(np.full(n, lam_value, dtype=np.float32), device)
@@ -235,3 +264,4 @@ class RecursiveMix(Mix):
                 raise ValueError(f"state_dict has {key}={state[key]!r}, this mix has {getattr(self, key)!r}")
         # Kept on the host until the next call moves them to the batch's device.
         self._images, self._targets, self._logits = state["images"], state["targets"], state["logits"]
+        self._planned = None

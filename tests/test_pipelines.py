@@ -844,6 +844,75 @@ def test_memory_fused_select_crop_flip_equals_the_torch_ops(flip, size, pad):
     assert not torch.equal(got, images.index_select(0, sel))  # it did crop or flip
 
 
+@pytest.mark.parametrize("history_size", [(32, 32), (24, 40), (5, 3)])
+def test_memory_crop_copies_a_planned_paste_as_the_mix_would(history_size):
+    """The crop kernel's fused paste equals the torch crop followed by the plan's own paste (paste_one_box),
+    bit for bit: random boxes (zero area, touching every edge, 1 pixel wide), a history of another size than
+    the batch, fewer history rows than samples, rows entirely of zero padding (pad 40)."""
+    import numpy as np
+    from pipelines.memory import batch_crop_flip, fuses_paste, select_crop_flip
+    from rmix.boxes import PastePlan
+
+    g = torch.Generator().manual_seed(2)
+    rng = np.random.default_rng(2)
+    images = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=g)
+    assert fuses_paste(images)  # else this would compare the reference with itself
+    pasted = 0
+    for t in range(60):
+        sel = torch.randperm(60, generator=g)[: int(rng.integers(1, 50))]
+        history = torch.randint(0, 256, (int(rng.integers(1, 40)), 3, *history_size), dtype=torch.uint8, generator=g)
+        x1, x2 = sorted(int(v) for v in rng.integers(0, 33, 2))
+        y1, y2 = sorted(int(v) for v in rng.integers(0, 33, 2))
+        plan = PastePlan.nearest((x1, y1, x2, y2), history, sel.shape[0])
+        pad = 40 if t % 5 == 0 else 4
+        want = batch_crop_flip(images.index_select(0, sel), pad, torch.Generator().manual_seed(t))
+        plan.apply(want)
+        got = select_crop_flip(images, sel, pad, torch.Generator().manual_seed(t), paste=plan)
+        assert torch.equal(got, want), (t, plan.box)
+        pasted += (x2 - x1) * (y2 - y1) > 0
+    assert pasted > 40
+
+
+def test_memory_loader_fuses_the_paste_and_gives_the_unfused_batches(cifar_shards, monkeypatch):
+    """RecursiveMix on the memory path: the crop kernel copies the paste (the mix only plans it), and the batches,
+    targets, boxes and lams are those of the plain route (torch crop, then the mix's own paste), bit for bit;
+    a resume in the middle of the epoch gives the same rest."""
+    import pipelines.memory as memory
+
+    root, _ = cifar_shards
+
+    def run(start_state=None):
+        mix = RecursiveMix(alpha=1.0, seed=9)
+        plans = []
+        plan_paste = mix.plan_paste
+        mix.plan_paste = lambda *a: plans.append(plan_paste(*a)) or plans[-1]
+        L = loader(root, backend="memory", seed=5, mix=mix)
+        if start_state is not None:
+            L.load_state_dict(start_state)
+        out, states = [], []
+        for b in L:
+            out.append((b.images.clone(), b.targets.clone(), b.boxes, b.lam.clone(), b.history_logits))
+            L.record_logits(b.images.mean((2, 3)).repeat(1, 4)[:, :10])
+            states.append(L.state_dict())
+        return out, states, [p for p in plans if p is not None]
+
+    fused, states, plans = run()
+    assert len(fused) >= 4 and len(plans) == len(fused) - 1  # every batch after the first was planned
+    monkeypatch.setattr(memory, "fuses_paste", lambda images: False)
+    plain, _, no_plans = run()
+    assert no_plans == []
+    for a, b in zip(fused, plain):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+        assert (a[2] is None and b[2] is None) or torch.equal(a[2], b[2])
+        assert (a[4] is None and b[4] is None) or torch.equal(a[4], b[4])
+    assert any(b[2] is not None for b in fused)
+    monkeypatch.undo()
+    rest, _, _ = run(states[1])
+    assert len(rest) == len(fused) - 2
+    for a, b in zip(fused[2:], rest):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_a_forked_child_never_shuts_down_the_parents_dali_pipelines(cifar_shards):
     """A DALI loader that is garbage only through a reference cycle, then a fork (as a DataLoader starting its
     workers does): the child's garbage collector finalises the inherited pipeline. DALI's Shutdown would join

@@ -180,6 +180,46 @@ def test_state_dict_round_trip_is_bit_exact(box):
         b.record_logits(logits)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.001])
+def test_planned_paste_gives_the_plain_calls_batches_and_guards_its_draw(alpha):
+    """plan_paste + the caller's own paste + mix(pasted=plan) is an ordinary call, bit for bit (batch sizes that
+    change, zero-area draws at alpha 0.001); a plan is refused where the next call must do its own work, and a
+    plan that is skipped or stale is an error instead of a silently different box sequence."""
+    plain, planned = (RecursiveMix(alpha=alpha, num_classes=10, seed=4) for _ in range(2))
+    assert planned.plan_paste((6, 3, 32, 32), torch.uint8, torch.device("cpu")) is None  # no history yet
+    used = 0
+    for step, n in enumerate([6, 6, 4, 6, 8, 6, 6]):
+        x, y = batch(n=n, seed=step, dtype=torch.uint8)
+        want = plain(x.clone(), y)
+        plan = planned.plan_paste(x.shape, x.dtype, x.device)
+        mine = x.clone()
+        if plan is not None:
+            plan.apply(mine)
+            used += 1
+        got = planned(mine, y, pasted=plan)
+        assert torch.equal(got.images, want.images) and torch.equal(got.targets, want.targets)
+        assert torch.equal(got.lam, want.lam) and (got.boxes is None) == (want.boxes is None)
+        assert got.boxes is None or torch.equal(got.boxes, want.boxes)
+        for m in (plain, planned):
+            m.record_logits(torch.randn(n, 10))
+    assert used == 6 and (alpha == 1.0) == (want.boxes is not None)
+    x, y = batch(dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    for other in (RecursiveMix(box="sample"), RecursiveMix(interpolation="bilinear")):
+        other(x.clone(), y.float().new_zeros(6, 10))
+        assert other.plan_paste(x.shape, x.dtype, cpu) is None
+    assert planned.plan_paste(x.shape, torch.float32, cpu) is None  # the history is uint8
+    plan = planned.plan_paste(x.shape, x.dtype, cpu)
+    with pytest.raises(RuntimeError, match="pass its plan"):
+        planned(x.clone(), y)
+    stale = planned.plan_paste(x.shape, x.dtype, cpu)
+    planned.plan_paste(x.shape, x.dtype, cpu)  # replaces the unused one
+    with pytest.raises(RuntimeError, match="returned last"):
+        planned(x.clone(), y, pasted=stale)
+    planned.load_state_dict(plain.state_dict())  # a restored mix has no plan pending
+    assert planned(x.clone(), y).images.shape == x.shape and plan is not None
+
+
 def test_state_dict_rejects_other_config():
     a = RecursiveMix(alpha=0.5)
     with pytest.raises(ValueError, match="alpha"):
