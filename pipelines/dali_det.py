@@ -334,6 +334,8 @@ class CocoDaliLoader(DenseDaliLoader):
             images = out["images"]
         ids = out["image_ids"].reshape(-1).tolist()
         raw_boxes, raw_labels = out["boxes"], out["labels"].long()
+        # the mix works on the boxes on the host and hands them back on the images' device
+        ann_device = torch.device("cpu") if mixing else images.device
         boxes, labels, metas = [], [], []
         for i, (h, w, nh, nw) in enumerate(info):
             keep = raw_labels[i] >= 0
@@ -346,8 +348,8 @@ class CocoDaliLoader(DenseDaliLoader):
             if flips[i]:
                 b = torch.stack([nw - b[:, 2], b[:, 1], nw - b[:, 0], b[:, 3]], dim=1)
             known = lab >= 0
-            boxes.append(b[known].to(images.device, non_blocking=True))
-            labels.append(lab[known].to(images.device, non_blocking=True))
+            boxes.append(b[known].to(ann_device, non_blocking=True))
+            labels.append(lab[known].to(ann_device, non_blocking=True))
             meta = dict(img_id=ids[i], img_path=self._files.get(ids[i], ""), ori_shape=(h, w), img_shape=(nh, nw),
                         scale_factor=(sx, sy))
             if self.train:
