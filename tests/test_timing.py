@@ -50,3 +50,18 @@ def test_cost_in_words_says_when_the_rounds_disagree_on_the_sign():
 def test_cost_in_words_will_not_judge_one_or_two_rounds():
     one = timing.Timing([1.0], [1], 100)
     assert "too few to tell it from noise" in timing.cost_in_words(timing.Timing([2.0], [1], 100), one)
+
+
+def test_tree_cpu_counts_this_process_finer_than_clock_ticks():
+    """A 3 ms busy loop shows in the tree's CPU time: os.times() alone counts 10 ms ticks, so most such
+    loops read as 0 there (a memory-path epoch is ~0.25 CPU-s: ticks quantised its rate to +-4 %)."""
+    import time
+
+    grew = 0
+    for _ in range(5):
+        before = timing.tree_cpu_seconds()
+        end = time.perf_counter() + 0.003
+        while time.perf_counter() < end:
+            pass
+        grew += timing.tree_cpu_seconds() > before
+    assert grew == 5
