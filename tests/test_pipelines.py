@@ -732,6 +732,14 @@ def test_normalise_is_loader_finish_bit_for_bit_and_fresh(monkeypatch, numba_ava
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(2, 3, 5, 256).contiguous()
     want = (levels.float() - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert torch.equal(norm(levels), want)
+    # channels last in blocks of rows: several blocks per image with a short last one, one row wider than a
+    # block, every level in every channel
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for shape in [(3, 30, 300, 3), (1, 2, 4100, 3)]:
+        view = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+        assert torch.equal(norm(view), (view.float() - mean) / std)
+    last = levels.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert not last.is_contiguous() and torch.equal(norm(last), want)
     with pytest.raises(ValueError, match="uint8"):
         norm(images.float())
 
