@@ -371,6 +371,18 @@ def test_cutmix_pastes_partner_pixels():
     assert torch.allclose(b.lam, torch.full((5,), lam))
 
 
+def test_cutmix_on_a_channels_last_batch_is_the_contiguous_result():
+    """DALI's host crop hands over channels-last uint8 batches: CutMix pastes them in their memory order, with
+    the same pixels, targets and box as on the contiguous batch, and the batch stays channels last."""
+    x, y = batch(n=8, h=24, w=40, dtype=torch.uint8)
+    plain = CutMix(1.0, num_classes=10, seed=3)(x.clone(), y)
+    last = x.contiguous(memory_format=torch.channels_last)
+    got = CutMix(1.0, num_classes=10, seed=3)(last, y)
+    assert got.images.is_contiguous(memory_format=torch.channels_last) and not got.images.is_contiguous()
+    assert torch.equal(got.images, plain.images) and torch.equal(got.targets, plain.targets)
+    assert torch.equal(got.boxes, plain.boxes) and not torch.equal(plain.images, x)
+
+
 def test_nomix_and_registry():
     x, y = batch()
     b = build_mix("none", num_classes=10, alpha=0.5)(x, y)
