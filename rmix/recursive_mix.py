@@ -209,9 +209,11 @@ class RecursiveMix(Mix):
         src = hist_images
         if n != hist_n:  # documented rule: a smaller batch takes the first n rows, a larger one row i % hist_n
             rows = slice(0, n) if n < hist_n else torch.arange(n, device=device) % hist_n
-            src, hist_targets = hist_images[rows], hist_targets[rows]
+            # (a planned paste read its history rows already: no copy of the history images for it)
+            src, hist_targets = (hist_images[rows] if pasted is None else None), hist_targets[rows]
             hist_logits = hist_logits[rows] if hist_logits is not None else None
-        src = src if src.dtype == images.dtype else src.to(images.dtype)
+        if src is not None and src.dtype != images.dtype:
+            src = src.to(images.dtype)
         # the recorded logits are never written in place (record_logits replaces them), so no copy
         history_logits = hist_logits
 
