@@ -56,8 +56,8 @@ class Mixup(_PartnerMix):
             images.mul_(lam).add_(partner, alpha=1.0 - lam)
         else:  # uint8: blend in float, round back
             images.copy_((images.float() * lam + partner.float() * (1.0 - lam)).round_().clamp_(0, 255))
-        lam_t = self._full_lam(n, lam, images.device)
-        return MixedBatch(images, self._mix_targets_scalar(targets, targets[perm], lam), None, lam_t)
+        mixed, _, lam_t = self._scalar_lam_batch(targets, targets[perm], lam)
+        return MixedBatch(images, mixed, None, lam_t)
 
 
 class _PasteMix(_PartnerMix):
@@ -79,9 +79,8 @@ class _PasteMix(_PartnerMix):
         if lam >= 1.0:
             return MixedBatch(images, targets, None, self._full_lam(n, 1.0, images.device))
         self._paste(images, perm, box)
-        lam_t = self._full_lam(n, lam, images.device)
-        boxes = torch.tensor(box, dtype=torch.float32).expand(n, 4).to(images.device, non_blocking=True)
-        return MixedBatch(images, self._mix_targets_scalar(targets, targets[perm], lam), boxes, lam_t)
+        mixed, boxes, lam_t = self._scalar_lam_batch(targets, targets[perm], lam, box)
+        return MixedBatch(images, mixed, boxes, lam_t)
 
 
 class CutMix(_PasteMix):

@@ -32,14 +32,33 @@ class MixedBatch:
     labels: Optional[torch.Tensor] = None
 
 
+_TABLE_MAX_CLASSES = 2048  # a (K, K) float32 table of 16 MB at most; more classes scatter
+_TABLES: dict = {}  # (num_classes, smoothing, device) -> the (K, K) table of smooth_one_hot's rows
+
+
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """Integer labels (N,) to float32 (N, K) targets: ``1 - smoothing`` on the label and
     ``smoothing / (K - 1)`` elsewhere (the seed's convention, which differs from timm's
-    ``smoothing / K``)."""
+    ``smoothing / K``).
+
+    One row lookup in a cached (K, K) table of those rows (up to 2,048 classes; more fill and scatter):
+    a loader calls this every batch, and each small op costs 10-30 us once the batch has gone through
+    the caches. Both give the same float32 values; a label outside 0..K-1 is an error either way."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if num_classes > _TABLE_MAX_CLASSES:
+        return _fill_and_scatter(labels, num_classes, smoothing)
+    key = (num_classes, smoothing, labels.device)
+    table = _TABLES.get(key)
+    if table is None:
+        classes = torch.arange(num_classes, device=labels.device)
+        table = _TABLES.setdefault(key, _fill_and_scatter(classes, num_classes, smoothing))
+    return table.index_select(0, labels if labels.dtype in (torch.int64, torch.int32) else labels.long())
+
+
+def _fill_and_scatter(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / (num_classes - 1)
     out = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
     return out.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing)

@@ -90,15 +90,28 @@ def nearest_index(out_len: int, in_len: int, device: torch.device) -> torch.Tens
     return idx
 
 
-_NEAREST_HOST: dict = {}  # (out_len, in_len) -> nearest_index as a uint64 numpy array, for the numba kernel
+# Host index arrays the paste kernels read, cached (a loader asks for the same few every batch); nothing writes
+# them (left writeable: numba compiles a kernel again for read-only arrays)
+_NEAREST_HOST: dict = {}  # (out_len, in_len) -> nearest_index as a uint64 numpy array, for the numba kernels
+_CYCLED: dict = {}  # (n, m) -> i % m for i < n
 
 
 def _nearest_host(out_len: int, in_len: int) -> np.ndarray:
     idx = _NEAREST_HOST.get((out_len, in_len))
     if idx is None:
-        idx = nearest_index(out_len, in_len, torch.device("cpu")).numpy().astype(np.uint64)
+        idx = (nearest_index(out_len, in_len, torch.device("cpu")).numpy().astype(np.uint64) if out_len > 0
+               else np.zeros(0, np.uint64))
         idx = _NEAREST_HOST.setdefault((out_len, in_len), idx)
     return idx
+
+
+def _cycled_rows(n: int, m: int) -> np.ndarray:
+    """(n,) int64 ``i % m``: the history row each sample shows (the documented row rule)."""
+    rows = _CYCLED.get((n, m))
+    if rows is None:
+        rows = np.arange(n, dtype=np.int64) % m
+        rows = _CYCLED.setdefault((n, m), rows)
+    return rows
 
 
 try:
@@ -195,11 +208,10 @@ class PastePlan:
     @classmethod
     def nearest(cls, box: Sequence[int], source: torch.Tensor, n: int) -> "PastePlan":
         """The plan for ``box`` of an ``n``-sample batch, with sample i showing ``source[i % len(source)]``."""
-        x1, y1, x2, y2 = (int(v) for v in box)
+        x1, y1, x2, y2 = map(int, box)
         h, w = max(y2 - y1, 0), max(x2 - x1, 0)
-        rows = _nearest_host(h, source.shape[2]) if h else np.zeros(0, np.uint64)
-        cols = _nearest_host(w, source.shape[3]) if w else np.zeros(0, np.uint64)
-        return cls((x1, y1, x2, y2), source, np.arange(n, dtype=np.int64) % source.shape[0], rows, cols)
+        return cls((x1, y1, x2, y2), source, _cycled_rows(n, source.shape[0]),
+                   _nearest_host(h, source.shape[2]), _nearest_host(w, source.shape[3]))
 
     def apply(self, dst: torch.Tensor) -> None:
         """In place, the plain way: :func:`paste_one_box` of the plan's source rows (the reference)."""

@@ -45,11 +45,6 @@ INTERPOLATIONS = ("nearest", "bilinear")
 BOX_MODES = ("batch", "sample")
 
 
-def _host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
-
-
 class RecursiveMix(Mix):
     """RecursiveMix as one stateful callable: ``mix(images, targets) -> MixedBatch``.
 
@@ -228,9 +223,7 @@ class RecursiveMix(Mix):
                 if pasted is None:  # else the caller copied these pixels while it wrote the batch
                     paste_one_box(images, src, (x1, y1, x2, y2), self.interpolation)
                 lam_value = np.float32(1.0 - area / float(height * width))  # box_lam's arithmetic
-                boxes = _host_tensor(np.array([[x1, y1, x2, y2]], dtype=np.float32).repeat(n, 0), device)
-                lam = _host_tensor(np.full(n, lam_value, dtype=np.float32), device)
-                targets = self._mix_targets_scalar(targets, hist_targets, lam_value)
+                targets, boxes, lam = self._scalar_lam_batch(targets, hist_targets, lam_value, (x1, y1, x2, y2))
         else:
             boxes_np = sample_boxes(self.rng, self._draw_ratio(n), height, width)
             paste_per_sample(images, src, boxes_np, self.interpolation)

@@ -117,6 +117,63 @@ def test_partner_mix_targets_are_the_float32_formula_bit_for_bit(cls):
         assert torch.equal(out.targets, want)
 
 
+@pytest.mark.parametrize("box", [None, (3, 4, 20, 21)])
+def test_scalar_lam_batch_is_the_tensor_formula_on_both_routes(monkeypatch, box):
+    """One lam (and box) for the batch: the compiled pass (CPU, numba) and the tensor ops both give the bits of
+    ``lam * y + (1 - lam) * y_other`` with a float32 lam tensor, the repeated box and the lams (a strided
+    ``other`` too)."""
+    import rmix.base as base
+
+    assert base._scalar_lam_rows is not None  # the Makefile installs numba: the compiled pass must run here
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for trial in range(12):
+        n, k = trial + 1, 2 + 3 * trial
+        targets = torch.rand(n, k, generator=g)
+        other = torch.rand(n, 2 * k, generator=g)[:, ::2] if trial % 3 == 0 else torch.rand(n, k, generator=g)
+        lam = float(torch.rand(1, generator=g))
+        cases.append((targets, other, lam))
+    routes = [[base.Mix._scalar_lam_batch(t, o, lam, box) for t, o, lam in cases]]
+    monkeypatch.setattr(base, "_scalar_lam_rows", None)
+    routes.append([base.Mix._scalar_lam_batch(t, o, lam, box) for t, o, lam in cases])
+    for got_by_route in routes:
+        for (t, o, lam), (mixed, boxes, lams) in zip(cases, got_by_route):
+            lam_t = torch.full((t.shape[0],), lam, dtype=torch.float32)
+            assert torch.equal(mixed, base.Mix._mix_targets(t, o, lam_t))
+            assert torch.equal(lams, lam_t)
+            if box is None:
+                assert boxes is None
+            else:
+                assert boxes.shape == (t.shape[0], 4) and boxes.is_contiguous()
+                assert torch.equal(boxes, torch.tensor([box], dtype=torch.float32).expand(t.shape[0], 4))
+
+
+def test_smooth_one_hot_rows_from_the_table_and_from_scatter(monkeypatch):
+    """Soft targets are one row lookup in a cached table up to 2,048 classes, a fill and scatter above: the same
+    float32 values either way (1 - smoothing on the label, smoothing / (K - 1) elsewhere); bad labels fail."""
+    import rmix.batch as rb
+
+    g = torch.Generator().manual_seed(1)
+    for k, smoothing in ((2, 0.0), (10, 0.1), (1000, 0.3), (3000, 0.2)):
+        y = torch.randint(0, k, (300,), generator=g)
+        for labels in (y, y.int()):
+            got = smooth_one_hot(labels, k, smoothing)
+            assert got.shape == (300, k) and got.dtype == torch.float32
+            on = torch.tensor(1.0 - smoothing, dtype=torch.float32)
+            off = torch.tensor(smoothing / (k - 1), dtype=torch.float32)
+            assert torch.equal(got.gather(1, y[:, None])[:, 0], on.expand(300))
+            assert int((got == off).sum()) == 300 * (k - 1) if smoothing else int((got == 0).sum()) == 300 * (k - 1)
+        assert ((k, smoothing, y.device) in rb._TABLES) == (k <= rb._TABLE_MAX_CLASSES)
+    monkeypatch.setattr(rb, "_TABLE_MAX_CLASSES", 5)
+    y = torch.randint(0, 10, (50,), generator=g)
+    assert torch.equal(smooth_one_hot(y, 10, 0.05), rb._fill_and_scatter(y, 10, 0.05))
+    assert (10, 0.05, y.device) not in rb._TABLES
+    monkeypatch.undo()
+    for bad in (torch.tensor([10]), torch.tensor([-1])):
+        with pytest.raises((IndexError, RuntimeError)):
+            smooth_one_hot(bad, 10)
+
+
 def test_history_is_previous_mixed_output():
     mix = RecursiveMix(alpha=1.0, num_classes=10, seed=1)
     xs = [batch(seed=s) for s in range(4)]
