@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - numba comes with FFCV, which the Makef
 if numba is not None:
     @numba.njit(nogil=True, cache=False)
     def _scalar_lam_rows(targets, other, lam, rest, box, out_targets, out_boxes, out_lam):  # pragma: no cover - compiled
-        # the float32 operations of the numpy route, in its order: targets * lam + other * rest (no fused multiply-add)
+        # the float32 operations of the tensor route, in its order: targets * lam + other * rest (no fused multiply-add)
         for i in range(out_targets.shape[0]):
             for j in range(out_targets.shape[1]):
                 out_targets[i, j] = targets[i, j] * lam + other[i, j] * rest
@@ -26,7 +26,7 @@ if numba is not None:
                 out_boxes[i, j] = box[j]
             out_lam[i] = lam
 else:  # pragma: no cover
-    _scalar_lam_rows = None  # the numpy route (the tests set this to exercise it)
+    _scalar_lam_rows = None  # the tensor route (the tests set this to exercise it)
 
 
 class Mix:
@@ -123,4 +123,4 @@ class Mix:
                     torch.from_numpy(out_lam))
         mixed = targets * float(lam) + other * float(rest)
         boxes = None if box is None else torch.tensor([list(box)], dtype=torch.float32).repeat(n, 1).to(device)
-        return mixed, boxes, torch.full((n,), float(lam), dtype=torch.float32, device=device)
+        return mixed, boxes, Mix._full_lam(n, float(lam), device)
