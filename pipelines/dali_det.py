@@ -231,20 +231,28 @@ class DenseDaliLoader:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Epoch, position, rank, mix state and DALI's reader checkpoint: enough to resume exactly."""
-        return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "rank": self.rank,
-                "world_size": self.world_size, "seed": self.seed,
-                "mix": self.mix.state_dict() if self.mix is not None else None,
-                "dali": self.iterator.checkpoints()[0]}
+        return {**self.reader_state(), "mix": self.mix.state_dict() if self.mix is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_reader_state(state)
+        if self.mix is not None and state["mix"] is not None:
+            self.mix.load_state_dict(state["mix"])
+
+    def reader_state(self) -> dict[str, Any]:
+        """Where the reader stands, without the mix: epoch, position and DALI's reader checkpoint (the order of
+        this epoch's remaining images and of every later epoch; DALI draws each epoch's order from its own
+        epoch count, so a fresh reader would start again at the first epoch's order)."""
+        return {"backend": self.backend, "epoch": self.epoch, "position": self.position, "rank": self.rank,
+                "world_size": self.world_size, "seed": self.seed, "dali": self.iterator.checkpoints()[0]}
+
+    def load_reader_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`reader_state` (or :meth:`state_dict`): the next batch is the one that followed it."""
         if state["backend"] != self.backend:
             raise ValueError(f"loader state is from {state['backend']!r}, this loader is {self.backend!r}")
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(f"loader state is for rank {state['rank']}/{state['world_size']}, "
                              f"this loader is {self.rank}/{self.world_size}")
         self.epoch, self.position = state["epoch"], state["position"]
-        if self.mix is not None and state["mix"] is not None:
-            self.mix.load_state_dict(state["mix"])
         self._iterator = self._build(checkpoint=state["dali"])
 
 

@@ -43,19 +43,28 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.
 
     One row lookup in a cached (K, K) table of those rows (up to 2,048 classes; more fill and scatter):
     a loader calls this every batch, and each small op costs 10-30 us once the batch has gone through
-    the caches. Both give the same float32 values; a label outside 0..K-1 is an error either way."""
+    the caches. Both give the same float32 values; a label outside 0..K-1 is one ValueError line either
+    way (on the CPU)."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if num_classes > _TABLE_MAX_CLASSES:
-        return _fill_and_scatter(labels, num_classes, smoothing)
-    key = (num_classes, smoothing, labels.device)
-    table = _TABLES.get(key)
-    if table is None:
-        classes = torch.arange(num_classes, device=labels.device)
-        table = _TABLES.setdefault(key, _fill_and_scatter(classes, num_classes, smoothing))
-    return table.index_select(0, labels if labels.dtype in (torch.int64, torch.int32) else labels.long())
+    try:
+        if num_classes > _TABLE_MAX_CLASSES:
+            return _fill_and_scatter(labels, num_classes, smoothing)
+        key = (num_classes, smoothing, labels.device)
+        table = _TABLES.get(key)
+        if table is None:
+            classes = torch.arange(num_classes, device=labels.device)
+            table = _TABLES.setdefault(key, _fill_and_scatter(classes, num_classes, smoothing))
+        return table.index_select(0, labels if labels.dtype in (torch.int64, torch.int32) else labels.long())
+    except (IndexError, RuntimeError):
+        # the range is checked only here, once torch has refused: no reduction over the labels per batch
+        # (on a GPU an out-of-range index is a device-side assert instead, which no check here can turn into this)
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+            raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}"
+                             ) from None
+        raise
 
 
 def _fill_and_scatter(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:

@@ -243,6 +243,34 @@ def test_resume_mid_epoch_with_dense_rm(data, task):
             assert pa == pb and torch.equal(ia, ib) and torch.equal(aa, ab)
 
 
+@pytest.mark.parametrize("task", ["det", "seg"])
+def test_reader_state_at_an_epoch_end_gives_the_next_epochs_order(data, task):
+    """What an epoch-based mmengine resume restores (DaliReaderState): the reader state taken after an epoch
+    gives a fresh loader the next epoch in the uninterrupted run's order, which a fresh reader does not."""
+    key = "img_id" if task == "det" else "img_path"
+
+    def make():
+        if task == "det":
+            return coco_loader(data["coco"], batch_size=1, seed=3)
+        return ade_loader(data["ade"], batch_size=1, seed=3)
+
+    def order(loader):
+        return [s.metainfo[key] for b in loader for s in b["data_samples"]]
+
+    ref = make()
+    epochs = [order(ref)]
+    state = ref.reader_state()
+    assert state["epoch"] == 1 and state["position"] == 0 and "mix" not in state
+    epochs += [order(ref), order(ref)]
+    assert sorted(epochs[1]) == sorted(epochs[0]) and len(set(epochs[0])) == 5  # every image once per epoch
+    assert epochs[1] != epochs[0]  # else a fresh reader would pass this test by chance
+    resumed = make()
+    resumed.load_reader_state(state)
+    assert resumed.epoch == 1
+    assert [order(resumed), order(resumed)] == epochs[1:]
+    assert order(make()) == epochs[0]  # a fresh reader starts again at the first epoch's order
+
+
 def test_dense_rm_pastes_history_into_the_padded_batch(data):
     from rmix.dense import DetRecursiveMix
 
@@ -573,6 +601,64 @@ def test_host_path_matches_the_dali_graph(data, task):
                 assert torch.equal(sa.gt_sem_seg.data, sb.gt_sem_seg.data)
 
 
+def _resumable_runner(cfg, scope: str, resume=None):
+    """A Runner for the resume tests: DenseMixState on, no schedule, the seed fixed as `rmix mm train` fixes it
+    (the loaders are built before the resume), resumed from ``resume`` when given."""
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+
+    cfg.custom_hooks = [dict(type="DenseMixState")]
+    cfg.param_scheduler = []
+    cfg.randomness = dict(seed=0)
+    own_singletons(cfg)
+    if resume is not None:
+        cfg.resume, cfg.load_from = True, str(resume)
+    init_default_scope(scope)
+    torch.manual_seed(0)
+    return Runner.from_cfg(cfg)
+
+
+@pytest.mark.slow
+def test_epoch_based_resume_reads_the_uninterrupted_runs_batches(data, tmp_path):
+    """ATSS (epoch-based) fed by our DALI loader with dense RM, 3 epochs of 2 iterations: resumed from the
+    epoch-1 checkpoint, epochs 2 and 3 train on the uninterrupted run's batches (images, order, flips and
+    pastes, bit for bit) and end with its weights. Without DaliReaderState the fresh reader reads epoch 2 in
+    the first epoch's order, which the run below shows differs."""
+    from mmengine.hooks import Hook
+    from trainers.mm.dali_loop import attach_dali_loaders
+    from trainers.mm.loading import load_from_local_weights_only, mmengine_checkpoints
+
+    class Record(Hook):
+        def __init__(self):
+            self.seen = []
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            self.seen.append((runner.epoch, [s.img_id for s in data_batch["data_samples"]],
+                              [float(i.double().sum()) for i in data_batch["inputs"]]))
+
+    def run(work: Path, resume=None):
+        work.mkdir()
+        cfg = _config(work, ATSS_TINY, CONFIGS / "atss_r50_fpn_1x_coco.py", data["coco"])
+        cfg.train_cfg.max_epochs = 3
+        cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1)
+        runner = _resumable_runner(cfg, "mmdet", resume)
+        attach_dali_loaders(runner, rm_alpha=0.5, device="cpu", which=("train_dataloader",))
+        record = Record()
+        runner.register_hook(record)
+        with mmengine_checkpoints():
+            runner.train()
+        return record.seen, load_from_local_weights_only(str(work / "work" / "epoch_3.pth"), map_location="cpu")
+
+    whole, whole_ckpt = run(tmp_path / "whole")
+    resumed, resumed_ckpt = run(tmp_path / "resumed", resume=tmp_path / "whole" / "work" / "epoch_1.pth")
+    assert [e for e, _, _ in whole] == [0, 0, 1, 1, 2, 2]
+    assert resumed == whole[2:]
+    assert [ids for _, ids, _ in whole[2:4]] != [ids for _, ids, _ in whole[:2]]  # epoch 2 is not epoch 1's order
+    assert "rmix_dali_reader" in whole_ckpt
+    for k, v in whole_ckpt["state_dict"].items():
+        assert torch.equal(v, resumed_ckpt["state_dict"][k]), k
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["loader", "preprocessor"])
 def test_resume_keeps_the_dense_mix_exact(data, tmp_path, where):
@@ -580,9 +666,6 @@ def test_resume_keeps_the_dense_mix_exact(data, tmp_path, where):
     loader), 3 iterations: resumed from the iteration-2 checkpoint it ends with the mix state (generator,
     history = the last mixed batch) of the uninterrupted run. The preprocessor's mix needs DenseMixState:
     mmengine's resume re-reads the skipped batches but never runs the model on them."""
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import Runner
-
     from trainers.mm.dali_loop import attach_dali_loaders
     from trainers.mm.loading import load_from_local_weights_only, mmengine_checkpoints
 
@@ -591,17 +674,9 @@ def test_resume_keeps_the_dense_mix_exact(data, tmp_path, where):
     def run(work: Path, resume=None):
         work.mkdir()
         cfg = _config(work, UPERNET_TINY, CONFIGS / f"{base}.py", data["ade"])
-        cfg.custom_hooks = [dict(type="DenseMixState")]
         cfg.train_cfg.max_iters = 3
         cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=2, by_epoch=False)
-        cfg.param_scheduler = []
-        cfg.randomness = dict(seed=0)  # as `rmix mm train` sets it: the loaders are built before the resume
-        own_singletons(cfg)
-        if resume is not None:
-            cfg.resume, cfg.load_from = True, str(resume)
-        init_default_scope("mmseg")
-        torch.manual_seed(0)
-        runner = Runner.from_cfg(cfg)
+        runner = _resumable_runner(cfg, "mmseg", resume)
         if where == "loader":
             attach_dali_loaders(runner, rm_alpha=0.5, device="cpu", which=("train_dataloader",))
         with mmengine_checkpoints():  # as `rmix mm train` runs it: resume loads with weights_only

@@ -169,9 +169,9 @@ def test_smooth_one_hot_rows_from_the_table_and_from_scatter(monkeypatch):
     assert torch.equal(smooth_one_hot(y, 10, 0.05), rb._fill_and_scatter(y, 10, 0.05))
     assert (10, 0.05, y.device) not in rb._TABLES
     monkeypatch.undo()
-    for bad in (torch.tensor([10]), torch.tensor([-1])):
-        with pytest.raises((IndexError, RuntimeError)):
-            smooth_one_hot(bad, 10)
+    for bad, k in ((torch.tensor([3, 10]), 10), (torch.tensor([-1, 2]), 10), (torch.tensor([3000]), 3000)):
+        with pytest.raises(ValueError, match=rf"labels must be in 0..{k - 1}, got {int(bad.min())}..{int(bad.max())}"):
+            smooth_one_hot(bad, k)
 
 
 def test_history_is_previous_mixed_output():

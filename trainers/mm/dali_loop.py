@@ -26,7 +26,9 @@ Dense RecursiveMix runs inside the training loader when ``rm_alpha`` is given
 
 Resume: mmengine does not checkpoint dataloaders; an iteration-based resume advances the loader batch by
 batch as with the stock loader (the DALI reader's order is a function of the seed, so the same batches
-come back). The dense mix's generator and history are not in the model either: the
+come back). An epoch-based resume does not advance it, and a fresh DALI reader would read the next epoch in
+the first epoch's order: the :class:`trainers.mm.hooks.DaliReaderState` hook, which :func:`attach_dali_loaders`
+registers, saves every rank's reader state at the end of each epoch and restores it. The dense mix's generator and history are not in the model either: the
 :class:`trainers.mm.hooks.DenseMixState` hook saves them in every checkpoint and restores them on resume
 (for the loader's mix after the advance, via :meth:`MMDaliLoader.restore_mix`), so a resumed run mixes the
 next batch as the uninterrupted run would.
@@ -83,6 +85,12 @@ class MMDaliLoader:
         which must then be mixed with the history and generator of the checkpoint. ``reset``: the
         checkpoint sits on an epoch boundary, so the history is dropped as ``set_epoch`` would."""
         self._pending_mix, self._skip = (state, bool(reset)), int(skip)
+
+    def restore_reader(self, state: dict) -> None:
+        """Continue the reader from ``state`` (:meth:`pipelines.dali_det.DenseDaliLoader.reader_state`): an
+        epoch-based resume starts the next epoch with the order the uninterrupted run would read
+        (:class:`trainers.mm.hooks.DaliReaderState`)."""
+        self.loader.load_reader_state(state)
 
     def __iter__(self):
         batches = iter(self.loader)
@@ -232,6 +240,8 @@ def attach_dali_loaders(runner, *, rm_alpha: Optional[float] = None, device="aut
     """
     from mmengine.dist import get_dist_info
 
+    from .hooks import DaliReaderState
+
     rank, world_size = get_dist_info()
     cfg = runner.cfg
     seed = int(runner.seed or 0)
@@ -245,4 +255,6 @@ def attach_dali_loaders(runner, *, rm_alpha: Optional[float] = None, device="aut
                                  rm_alpha=rm_alpha if train else None)
         setattr(runner, "_" + key, loader)  # what Runner.build_{train,val,test}_loop read
         out[key] = loader
+    if "train_dataloader" in out and not any(isinstance(h, DaliReaderState) for h in runner.hooks):
+        runner.register_hook(DaliReaderState())
     return out

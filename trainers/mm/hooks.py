@@ -1,7 +1,9 @@
-"""mmengine hooks of our configs: the pretrained-backbone check and the dense mix's state in checkpoints.
+"""mmengine hooks of our configs: the pretrained-backbone check, the dense mix's state and our DALI
+reader's state in checkpoints.
 
 :class:`DenseMixState` (below) saves the dense RecursiveMix's generator and history in every checkpoint
-and restores them on resume.
+and restores them on resume. :class:`DaliReaderState` does the same for the order of our DALI training
+loader across an epoch-based resume.
 
 :class:`PretrainedBackboneCheck` fails the run when the pretrained backbone did not arrive.
 
@@ -143,3 +145,59 @@ class DenseMixState(Hook):
                 if not iter_based and not mix.keep_history_across_epochs:
                     mix.reset()
         runner.logger.info(f"DenseMixState: restored {sorted(set(saved) & set(mixes))}")
+
+
+@HOOKS.register_module()
+class DaliReaderState(Hook):
+    """Keeps the order of our DALI training loader exact across an epoch-based resume.
+
+    DALI draws each epoch's order from its own count of epochs, and mmengine saves no dataloader: a resumed
+    epoch-based run would build a fresh reader and read its next epoch in the first epoch's order (an
+    iteration-based resume re-draws every batch from the start, so it needs nothing). At the end of each
+    training epoch every rank's reader state (:meth:`pipelines.dali_det.DenseDaliLoader.reader_state`) is
+    gathered (mmengine writes checkpoints on rank 0 only) and goes into the checkpoint saved at that point
+    (key ``rmix_dali_reader``); ``--resume`` gives each rank its own back. A checkpoint saved elsewhere (mid
+    epoch) gets none, and a run resumed from it reads as mmengine's stock loader would. Registered by
+    :func:`trainers.mm.dali_loop.attach_dali_loaders`.
+    """
+
+    KEY = "rmix_dali_reader"
+    priority = "NORMAL"  # before CheckpointHook (VERY_LOW), which saves in the same after_train_epoch
+
+    def __init__(self):
+        self._gathered = None  # (runner.iter, [state of each rank]) at the end of the last epoch
+
+    @staticmethod
+    def _loader(runner):
+        from .dali_loop import MMDaliLoader
+
+        loader = runner.train_loop.dataloader
+        return loader if isinstance(loader, MMDaliLoader) else None
+
+    def after_train_epoch(self, runner) -> None:
+        from mmengine.dist import all_gather_object
+
+        loader = self._loader(runner)
+        if loader is not None:
+            self._gathered = (runner.iter, all_gather_object(loader.loader.reader_state()))
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self._gathered is not None and self._gathered[0] == runner.iter:
+            checkpoint[self.KEY] = self._gathered[1]
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        from mmengine.dist import get_dist_info
+        from mmengine.runner import IterBasedTrainLoop
+
+        saved = checkpoint.get(self.KEY)
+        if not saved or not runner._resume or isinstance(runner.train_loop, IterBasedTrainLoop):
+            return
+        loader = self._loader(runner)
+        rank, world_size = get_dist_info()
+        if loader is None or len(saved) != world_size:
+            runner.logger.warning(f"DaliReaderState: the checkpoint has the DALI reader state of {len(saved)} "
+                                  f"rank(s), this run has {world_size} rank(s) with "
+                                  f"{'our' if loader is not None else 'another'} loader; the reader starts fresh")
+            return
+        loader.restore_reader(saved[rank])
+        runner.logger.info(f"DaliReaderState: the reader continues at epoch {saved[rank]['epoch']}")
