@@ -9,7 +9,7 @@ OpenMMLab configs. This package is that path, downstream of ``trainers.classify`
     loading.py   mmengine's torch.load under torch >= 2.6, scoped to our calls (weights_only + allowlist)
     hooks.py     PretrainedBackboneCheck: the run fails unless the backbone equals the checkpoint at iter 0;
                  DenseMixState: the dense mix's generator and history in checkpoints, restored on resume;
-                 DaliReaderState: our DALI reader's per-rank state at each epoch end, restored on resume
+                 DaliReaderState: our DALI reader's per-rank state in checkpoints, restored on resume
     launch.py    ``rmix mm train|test``: config, data and checkpoint checks, launcher, mmengine Runner
     dense_mix.py RecursiveMix for boxes and masks inside mmdet (batch_augments) / mmseg (data preprocessor)
     dali_loop.py our DALI detection / segmentation loaders in place of mmengine's DataLoader

@@ -28,8 +28,9 @@ Resume: mmengine does not checkpoint dataloaders; an iteration-based resume adva
 batch as with the stock loader (the DALI reader's order is a function of the seed, so the same batches
 come back). An epoch-based resume does not advance it, and a fresh DALI reader would read the next epoch in
 the first epoch's order: the :class:`trainers.mm.hooks.DaliReaderState` hook, which :func:`attach_dali_loaders`
-registers, saves every rank's reader state at the end of each epoch and restores it. The dense mix's generator and history are not in the model either: the
-:class:`trainers.mm.hooks.DenseMixState` hook saves them in every checkpoint and restores them on resume
+registers, saves every rank's reader state in each checkpoint and restores it from one saved at an epoch's
+end. The dense mix's generator and history are not in the model either: the
+:class:`trainers.mm.hooks.DenseMixState` hook saves every rank's in each checkpoint and restores them on resume
 (for the loader's mix after the advance, via :meth:`MMDaliLoader.restore_mix`), so a resumed run mixes the
 next batch as the uninterrupted run would.
 """

@@ -17,6 +17,8 @@ named by ``model.backbone.init_cfg`` and raises :class:`BackboneMismatch` if any
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
@@ -102,10 +104,56 @@ def dense_mixes(runner) -> dict:
     return found
 
 
+def hand_over_at_saves(runner, key: str, state) -> None:
+    """Every rank's ``state()`` goes into each checkpoint the run saves (read it with :func:`handed_over`).
+
+    mmengine's ``Runner.save_checkpoint`` is entered on every rank (CheckpointHook decides alike everywhere) but
+    writes, and calls ``before_save_checkpoint``, on rank 0 only: a hook there sees rank 0's state alone. So the
+    runner's ``save_checkpoint`` is wrapped: every rank hands its states over first (``all_gather_object``, a
+    collective all ranks enter there), then rank 0 writes. One wrapper serves every key."""
+    getters = runner.__dict__.setdefault("_rmix_state_getters", {})
+    getters[key] = state
+    if "save_checkpoint" in runner.__dict__:  # wrapped already, for another key
+        return
+    save = runner.save_checkpoint
+
+    def save_checkpoint(*args, **kwargs):
+        from mmengine.dist import all_gather_object
+
+        runner._rmix_handed_over = all_gather_object({k: get() for k, get in getters.items()})
+        try:
+            return save(*args, **kwargs)
+        finally:
+            runner._rmix_handed_over = None
+
+    runner.save_checkpoint = save_checkpoint
+
+
+def handed_over(runner, key: str) -> Optional[list]:
+    """Inside ``before_save_checkpoint``: the states of :func:`hand_over_at_saves`, one per rank in rank order;
+    None for a save that did not go through the wrapper."""
+    per_rank = getattr(runner, "_rmix_handed_over", None)
+    return None if per_rank is None else [states.get(key) for states in per_rank]
+
+
+def own_rank_state(runner, hook: str, saved: dict):
+    """This rank's state out of a checkpoint entry ``{'ranks': [...]}``, or None (with a warning) when the
+    checkpoint was saved by another number of ranks."""
+    from mmengine.dist import get_dist_info
+
+    rank, world_size = get_dist_info()
+    ranks = saved["ranks"]
+    if len(ranks) != world_size:
+        runner.logger.warning(f"{hook}: the checkpoint holds the state of {len(ranks)} rank(s), this run has "
+                              f"{world_size}; it starts fresh")
+        return None
+    return ranks[rank]
+
+
 @HOOKS.register_module()
 class DenseMixState(Hook):
     """Keeps dense RecursiveMix exact across a resume: its generator and history go into every checkpoint
-    (key ``rmix_dense_mix``) and come back on ``--resume``.
+    (key ``rmix_dense_mix``, every rank's own, :func:`hand_over_at_saves`) and come back on ``--resume``.
 
     mmengine saves neither dataloaders nor ``batch_augments``; without this hook a resumed run restarts
     the mix from its seed with no history. The preprocessor's mixes are restored with the checkpoint;
@@ -117,14 +165,24 @@ class DenseMixState(Hook):
     KEY = "rmix_dense_mix"
     priority = "NORMAL"
 
+    def before_run(self, runner) -> None:
+        hand_over_at_saves(runner, self.KEY,
+                           lambda: {name: mix.state_dict() for name, mix in dense_mixes(runner).items()})
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        mixes = dense_mixes(runner)
-        if mixes:
-            checkpoint[self.KEY] = {name: mix.state_dict() for name, mix in mixes.items()}
+        per_rank = handed_over(runner, self.KEY)
+        if per_rank is None:  # saved outside the wrapper: this process's own state
+            per_rank = [{name: mix.state_dict() for name, mix in dense_mixes(runner).items()}]
+        if any(per_rank):
+            checkpoint[self.KEY] = {"ranks": per_rank}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         saved = checkpoint.get(self.KEY)
         if not saved or not runner._resume:  # load_from: weights only, the mix starts fresh
+            return
+        # {'ranks': [...]}; a checkpoint of an earlier version holds rank 0's mixes alone, as {name: state}
+        saved = own_rank_state(runner, "DenseMixState", saved) if "ranks" in saved else saved
+        if saved is None:
             return
         from mmengine.runner import IterBasedTrainLoop
 
@@ -153,51 +211,47 @@ class DaliReaderState(Hook):
 
     DALI draws each epoch's order from its own count of epochs, and mmengine saves no dataloader: a resumed
     epoch-based run would build a fresh reader and read its next epoch in the first epoch's order (an
-    iteration-based resume re-draws every batch from the start, so it needs nothing). At the end of each
-    training epoch every rank's reader state (:meth:`pipelines.dali_det.DenseDaliLoader.reader_state`) is
-    gathered (mmengine writes checkpoints on rank 0 only) and goes into the checkpoint saved at that point
-    (key ``rmix_dali_reader``); ``--resume`` gives each rank its own back. A checkpoint saved elsewhere (mid
-    epoch) gets none, and a run resumed from it reads as mmengine's stock loader would. Registered by
-    :func:`trainers.mm.dali_loop.attach_dali_loaders`.
+    iteration-based resume re-draws every batch from the start, so it needs nothing). Every checkpoint gets
+    every rank's reader state (:meth:`pipelines.dali_det.DenseDaliLoader.reader_state`, key
+    ``rmix_dali_reader``, :func:`hand_over_at_saves`); ``--resume`` from one saved at an epoch's end gives each
+    rank its own back. Resumed from a checkpoint saved mid-epoch, the reader starts fresh (mmengine's epoch loop
+    reads that epoch again from its start). Registered by :func:`trainers.mm.dali_loop.attach_dali_loaders`.
     """
 
     KEY = "rmix_dali_reader"
-    priority = "NORMAL"  # before CheckpointHook (VERY_LOW), which saves in the same after_train_epoch
-
-    def __init__(self):
-        self._gathered = None  # (runner.iter, [state of each rank]) at the end of the last epoch
+    priority = "NORMAL"
 
     @staticmethod
     def _loader(runner):
         from .dali_loop import MMDaliLoader
 
-        loader = runner.train_loop.dataloader
+        loader = getattr(runner.train_loop, "dataloader", None)
         return loader if isinstance(loader, MMDaliLoader) else None
 
-    def after_train_epoch(self, runner) -> None:
-        from mmengine.dist import all_gather_object
+    def before_run(self, runner) -> None:
+        def state():
+            loader = self._loader(runner)
+            return loader.loader.reader_state() if loader is not None else None
 
-        loader = self._loader(runner)
-        if loader is not None:
-            self._gathered = (runner.iter, all_gather_object(loader.loader.reader_state()))
+        hand_over_at_saves(runner, self.KEY, state)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        if self._gathered is not None and self._gathered[0] == runner.iter:
-            checkpoint[self.KEY] = self._gathered[1]
+        per_rank = handed_over(runner, self.KEY)
+        if per_rank is not None and any(state is not None for state in per_rank):
+            checkpoint[self.KEY] = {"ranks": per_rank}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        from mmengine.dist import get_dist_info
         from mmengine.runner import IterBasedTrainLoop
 
         saved = checkpoint.get(self.KEY)
         if not saved or not runner._resume or isinstance(runner.train_loop, IterBasedTrainLoop):
             return
-        loader = self._loader(runner)
-        rank, world_size = get_dist_info()
-        if loader is None or len(saved) != world_size:
-            runner.logger.warning(f"DaliReaderState: the checkpoint has the DALI reader state of {len(saved)} "
-                                  f"rank(s), this run has {world_size} rank(s) with "
-                                  f"{'our' if loader is not None else 'another'} loader; the reader starts fresh")
+        loader, state = self._loader(runner), own_rank_state(runner, "DaliReaderState", saved)
+        if loader is None or state is None:
             return
-        loader.restore_reader(saved[rank])
-        runner.logger.info(f"DaliReaderState: the reader continues at epoch {saved[rank]['epoch']}")
+        if state["position"] != 0:
+            runner.logger.warning("DaliReaderState: the checkpoint was saved in the middle of an epoch; the reader "
+                                  "starts fresh and the epoch is read again from its start, as mmengine's loader would")
+            return
+        loader.restore_reader(state)
+        runner.logger.info(f"DaliReaderState: the reader continues at epoch {state['epoch']}")
