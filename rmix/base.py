@@ -122,5 +122,10 @@ class Mix:
             return (torch.from_numpy(out_targets), torch.from_numpy(out_boxes) if box is not None else None,
                     torch.from_numpy(out_lam))
         mixed = targets * float(lam) + other * float(rest)
-        boxes = None if box is None else torch.tensor([list(box)], dtype=torch.float32).repeat(n, 1).to(device)
+        boxes = None
+        if box is not None:  # four fills with the values as kernel arguments: a copy from pageable host memory
+            # to a GPU first waits for everything queued on the stream (memory loader, H200: 1.06x paired, 0.97-1.17)
+            boxes = torch.empty((n, 4), dtype=torch.float32, device=device)
+            for j, v in enumerate(box):
+                boxes[:, j].fill_(float(np.float32(v)))
         return mixed, boxes, Mix._full_lam(n, float(lam), device)

@@ -56,6 +56,17 @@ def test_bench_train_reuses_the_trainer_step(tmp_path, capsys):
     assert "loader / in-memory:" in out and "goal >= 0.95" in out
 
 
+def test_bench_train_on_cifar_photographs(tmp_path, capsys):
+    """The GPU check's command, here on the CPU: CIFAR-size photograph crops written as CIFAR pickles, sharded,
+    and the model named by family/name (the GPU check uses resnet/resnet18)."""
+    cli.main(["bench", "train", "--loader", "memory", "--data", "cifar10", "--cifar-n", "1024", "--batch-size", "256",
+              "--model", "small/small_cnn", "--shards", str(tmp_path), "--repeats", "1", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert "loader / in-memory:" in out and "cifar10, small/small_cnn, batch 256, cpu" in out
+    assert (tmp_path / "cifar10" / "manifest.json").is_file()
+    assert (tmp_path / "cifar-src" / "cifar-10-batches-py" / "data_batch_1").is_file()
+
+
 def test_console_script_is_installed():
     import importlib.metadata as md
 

@@ -59,6 +59,30 @@ def test_models_forward_with_and_without_boxes(factory, size):
                                   spatial_scale=m.features(x).shape[-1] / size, aligned=True), 1), 1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, False), (torch.float32, True)])
+def test_roi_head_pools_each_samples_own_features_in_low_precision(dtype, autocast):
+    """A batch of 512 in bfloat16 (a bf16 model, or bf16 autocast): each ROI pools its own sample. bfloat16 holds
+    integers exactly only up to 256; a batch index in the features' dtype put sample 257 on 256's features and 511
+    past the batch (an illegal memory access on an H200 under bf16 autocast, batch 512)."""
+    from trainers.models.roi import RoiClassifier
+
+    class Plain(RoiClassifier):  # features are the input: sample i pools its own constant
+        def __init__(self):
+            super().__init__()
+            self.fc = self.fc_roi = torch.nn.Identity()
+
+        def features(self, x):
+            return x
+
+    n = 512
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)  # neighbours differ: a rounded index shows
+    x = sign.view(n, 1, 1, 1).expand(n, 1, 8, 8).to(dtype)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]]).expand(n, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _, roi = Plain()(x.to(torch.bfloat16) if autocast else x, boxes)
+    assert torch.equal(roi.float().flatten(), sign)
+
+
 def test_resnet50_weights_load_into_torchvision():
     ours = resnet50(num_classes=1000)
     sd = {k: v for k, v in ours.state_dict().items() if not k.startswith("fc_roi.")}

@@ -1,28 +1,34 @@
 """``rmix bench train``: does the loader keep the trainer fed?
 
-Trains the demo model (small_cnn, RecursiveMix) on the digits shards with the trainer's own
-``train_one_epoch``, side by side in each repeat: once fed by the real loader (decode, augment,
-normalise and mix inside it), once fed by pre-made batches in memory on the device that went through
-the same loader pipeline (normalised, augmented) and are mixed per step by the same RecursiveMix, so
-only the loading differs. Reports images/s of both, their ratio (goal >= 0.95: the loader hides behind
-compute), the median and spread over repeats.
+Trains a model with RecursiveMix using the trainer's own ``train_one_epoch``, side by side in each repeat:
+once fed by the real loader (decode, augment, normalise and mix inside it), once fed by pre-made batches in
+memory on the device that went through the same loader pipeline (normalised, augmented) and are mixed per
+step by the same RecursiveMix, so only the loading differs. Reports images/s of both, their ratio (goal
+>= 0.95: the loader hides behind compute), the median and spread over repeats.
+
+By default the demo model (small_cnn) on the digits shards on the CPU; ``--data cifar10 --model
+resnet/resnet18 --device cuda`` is the GPU check (CIFAR-size photograph crops, written with
+:mod:`tools.photos` when the shards are missing).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from pipelines import BACKENDS, build_loader
+from pipelines.loader import DEVICE_FORMS, resolve_device
 from rmix import RecursiveMix
 from shards.build import ShardParams, build
+from tools.photos import write_photo_cifar
 from tools.timing import Timing, compare, measure
 from trainers.classify import RunState, train_one_epoch
 from trainers.config import TrainConfig
-from trainers.models import small_cnn
+from trainers.models import build_model
 
 
 class PremadeBatches:
@@ -60,31 +66,49 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data", choices=["digits", "cifar10"], default="digits",
+                   help="digits (bundled) or cifar10 (photograph crops in the CIFAR pickle format, made if missing)")
+    p.add_argument("--cifar-n", type=int, default=50_000, help="training images when the cifar10 set is made")
+    p.add_argument("--model", default=None, metavar="FAMILY/NAME",
+                   help="a CIFAR-size model of trainers.models (default small/small_cnn; e.g. resnet/resnet18)")
+    p.add_argument("--device", default="cpu", help=f"{DEVICE_FORMS} (default cpu)")
+    p.add_argument("--amp", choices=["off", "fp16", "bf16"], default="off", help="mixed precision on CUDA")
     args = p.parse_args(argv)
-    build(ShardParams(dataset="digits"), None, args.shards, progress=False)
-    root = args.shards / "digits"
-    cfg = TrainConfig(data="digits", data_dir=str(root), model_file="small", model_name="small_cnn", epoch=1,
+    device = resolve_device(args.device)
+    root = args.shards / args.data
+    if args.data == "digits":
+        build(ShardParams(dataset="digits"), None, args.shards, progress=False)
+    elif not (root / "manifest.json").is_file():
+        src = write_photo_cifar(args.shards / "cifar-src", n_train=args.cifar_n, n_val=1000)
+        formats = ["wds", "ffcv"] if args.loader == "ffcv" else ["wds"]
+        build(ShardParams(dataset="cifar10", samples_per_shard=8192, formats=formats), src, args.shards,
+              progress=False)
+    family, _, name = (args.model or "small/small_cnn").partition("/")
+    cfg = TrainConfig(data=args.data, data_dir=str(root), model_file=family, model_name=name, epoch=1,
                       batch_size=args.batch_size, lr=0.05, aug="recursive_mix", aug_omega=0.5, print_freq=10**9,
-                      progress=False).validate()
-    device = torch.device("cpu")
+                      amp=args.amp, progress=False).validate()
+    amp = args.amp if device.type == "cuda" else "off"
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16))
+                if amp != "off" else nullcontext)
 
     def trainer(loader):
         torch.manual_seed(0)
-        model = small_cnn(10)
+        model = build_model(family, name, 10, imagenet=False).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         state = RunState()
 
         def job() -> int:
             for _ in range(args.epochs):
-                train_one_epoch(model, loader, opt, scaler, cfg, 1, state, device=device, log=lambda m: None)
+                train_one_epoch(model, loader, opt, scaler, cfg, 1, state, device=device, autocast=autocast,
+                                log=lambda m: None)
             return args.epochs * len(loader) * args.batch_size
         return job
 
     loader = build_loader(root, "train", backend=args.loader, batch_size=args.batch_size, train=True,
-                          mix=RecursiveMix(0.5, seed=0), num_workers=args.workers)
+                          device=device, mix=RecursiveMix(0.5, seed=0), num_workers=args.workers)
     plain = build_loader(root, "train", backend=args.loader, batch_size=args.batch_size, train=True,
-                         num_workers=args.workers)
+                         device=device, num_workers=args.workers)
     made = [(b.images.clone(), b.labels.clone()) for b in plain]  # normalised and augmented, unmixed
     premade = PremadeBatches(made, RecursiveMix(0.5, seed=0, num_classes=10))
     fed = {"loader": [], "in-memory": []}
@@ -98,7 +122,8 @@ def main(argv=None) -> None:
     ratios = [a.per_s / b.per_s for a, b in zip(fed["loader"], fed["in-memory"])]
     print(f"loader / in-memory: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}; "
           f"goal >= 0.95) = {compare(merged['loader'], merged['in-memory'])}"
-          f"  [{args.loader} loader, small_cnn, batch {args.batch_size}, {torch.get_num_threads()} threads]")
+          f"  [{args.loader} loader, {args.data}, {family}/{name}, batch {args.batch_size}, {device}, amp {amp}, "
+          f"{torch.get_num_threads()} threads]")
 
 
 if __name__ == "__main__":

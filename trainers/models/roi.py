@@ -25,9 +25,12 @@ class RoiClassifier(nn.Module):
         logits = self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(feat, 1), 1))
         if boxes is None:
             return logits
-        index = torch.arange(x.shape[0], device=x.device, dtype=feat.dtype)[:, None]
-        rois = torch.cat([index, boxes.to(feat.dtype)], dim=1)
-        pooled = roi_align(feat, rois, output_size=(1, 1), spatial_scale=feat.shape[-1] / x.shape[-1],
-                           sampling_ratio=-1, aligned=True)
+        # The ROIs and the pooling are float32 whatever the features' dtype (what autocast does for roi_align
+        # anyway): a sample's batch index must be exact, and bfloat16 rounds 257..511 to a neighbour, 511 to 512,
+        # past the batch (an illegal memory access on a GPU, or another sample's features pooled in silence).
+        index = torch.arange(x.shape[0], device=x.device, dtype=torch.float32)[:, None]
+        rois = torch.cat([index, boxes.float()], dim=1)
+        pooled = roi_align(feat.float(), rois, output_size=(1, 1), spatial_scale=feat.shape[-1] / x.shape[-1],
+                           sampling_ratio=-1, aligned=True).to(feat.dtype)
         head = self.fc if share_fc else self.fc_roi
         return logits, head(torch.flatten(pooled, 1))
