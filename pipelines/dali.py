@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -75,6 +77,21 @@ def _orphan_pipelines_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_orphan_pipelines_in_child)
+
+
+@contextmanager
+def too_few_samples_is_one_line(what: str, world_size: int):
+    """DALI's reader refuses a split with fewer samples than shards (DDP ranks) in an assertion of many lines
+    that names neither; this turns it into one ValueError line."""
+    try:
+        yield
+    except RuntimeError as e:
+        m = re.search(r"number of input samples: (\d+), needs to be at least equal to the requested number of "
+                      r"shards", str(e))
+        if m is None:
+            raise
+        raise ValueError(f"{what}: {m.group(1)} sample(s) for {world_size} ranks, and DALI gives every rank at "
+                         f"least one; use at most {m.group(1)} ranks for it") from None
 
 
 def dali_device_id(device: torch.device) -> Optional[int]:
@@ -231,11 +248,12 @@ class DaliLoader(Loader):
             batch_size=self.batch_size, num_threads=self.num_workers, device_id=self._device_id,
             seed=derive_seed(self.seed, self.rank, 0, "reader"), prefetch_queue_depth=2, checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        if self.host_crop:
-            return HostCropIterator(pipe, self._resize_on_host, reader_name="reader", auto_reset=True,
-                                    last_batch_policy=policy)
-        return DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
-                                   last_batch_policy=policy)
+        with too_few_samples_is_one_line(f"{self.manifest['root']} split {self.split!r}", self.world_size):
+            if self.host_crop:
+                return HostCropIterator(pipe, self._resize_on_host, reader_name="reader", auto_reset=True,
+                                        last_batch_policy=policy)
+            return DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
+                                       last_batch_policy=policy)
 
     def _resize_on_host(self, crops: list, labels: np.ndarray, flips: np.ndarray) -> dict:
         """Each crop resized to the preset's size with OpenCV's bilinear (DALI's INTERP_LINEAR without

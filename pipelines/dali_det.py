@@ -56,7 +56,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .dali import dali_device_id
+from .dali import dali_device_id, too_few_samples_is_one_line
 from .loader import one_torch_thread, resolve_device
 from .seeds import derive_seed
 
@@ -149,6 +149,7 @@ class DenseDaliLoader:
 
     backend = "dali_dense"
     output_names: Sequence[str] = ()
+    source = ""  # what the loader reads (its image folder), for error messages
 
     def __init__(self, *, batch_size: int, train: bool, device="auto", rank: int = 0, world_size: int = 1,
                  seed: int = 0, mix=None, num_threads: int = 0):
@@ -180,8 +181,9 @@ class DenseDaliLoader:
 
     def _build(self, checkpoint=None):
         pipe = self._pipeline(checkpoint)
-        return DALIGenericIterator([pipe], list(self.output_names), reader_name="reader", auto_reset=True,
-                                   last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+        with too_few_samples_is_one_line(self.source or self.backend, self.world_size):
+            return DALIGenericIterator([pipe], list(self.output_names), reader_name="reader", auto_reset=True,
+                                       last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
 
     def _pipe_kwargs(self, checkpoint) -> dict:
         return dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
@@ -280,6 +282,7 @@ class CocoDaliLoader(DenseDaliLoader):
         super().__init__(**kw)
         self.host_resize = self._device_id is None if host_resize is None else bool(host_resize)
         self.img_dir, self.ann_file = str(img_dir), str(ann_file)
+        self.source = self.img_dir
         if not Path(self.ann_file).is_file():
             raise FileNotFoundError(f"no COCO annotation file {self.ann_file}")
         if not Path(self.img_dir).is_dir():

@@ -205,6 +205,7 @@ class ADE20KDaliLoader(DenseDaliLoader):
         self.host_augment = self._device_id is None if host_augment is None else bool(host_augment)
         self.cat_max_ratio = float(cat_max_ratio)
         self.image_files, self.label_files = ade_pairs(img_dir, ann_dir, img_suffix, seg_suffix)
+        self.source = str(img_dir)
         self.scale, self.ratio_range, self.crop = tuple(scale), tuple(ratio_range), tuple(crop)
         self.flip_prob, self.photometric, self.reduce_zero_label = float(flip_prob), photometric, reduce_zero_label
         self._host = HostSegAugment(train=self.train, scale=self.scale, ratio_range=self.ratio_range, crop=self.crop,

@@ -396,6 +396,15 @@ def test_eval_batches_equal_the_stock_loader(data, tmp_path, task):
                 assert torch.equal(sa.gt_sem_seg.data, sb.gt_sem_seg.data)
 
 
+def test_fewer_images_than_ranks_is_one_line(data):
+    """DALI's reader asserts in many lines when a split has fewer images than ranks: ours is one line naming it."""
+    for make in (lambda: coco_loader(data["coco"], "val", batch_size=1, rank=0, world_size=4),
+                 lambda: ade_loader(data["ade"], "validation", batch_size=1, rank=0, world_size=4)):
+        with pytest.raises(ValueError, match=r"(val2017|validation): 3 sample\(s\) for 4 ranks.*at most 3 ranks") as e:
+            len(make())
+        assert "\n" not in str(e.value)
+
+
 def test_unsupported_transform_is_one_line(data, tmp_path):
     from trainers.mm.dali_loop import DaliLoaderError, build_mm_loader
 

@@ -274,6 +274,13 @@ def test_gpu_path_gives_cuda_batches(cifar_shards, backend):
         L.record_logits(torch.zeros(b.images.shape[0], 10, device="cuda"))
 
 
+def test_dali_split_smaller_than_the_ranks_is_one_line(cifar_shards):
+    root, _ = cifar_shards  # 30 val samples
+    with pytest.raises(ValueError, match=r"split 'val': 30 sample\(s\) for 40 ranks.*at most 30 ranks") as e:
+        loader(root, "val", "dali", rank=0, world_size=40)
+    assert "\n" not in str(e.value)
+
+
 def test_torch_backend_uneven_shards_still_give_equal_steps(cifar_shards):
     root, _ = cifar_shards  # 10 train shards over 3 ranks: 4 / 3 / 3 shards
     counts = [sum(1 for _ in loader(root, "train", "torch", batch_size=8, rank=r, world_size=3)) for r in range(3)]
