@@ -83,8 +83,22 @@ def main(argv=None) -> None:
                      checkpoint=getattr(args, "checkpoint", None), loader=args.loader,
                      rm_alpha=getattr(args, "rm_alpha", None))
         train(run) if args.cmd == "train" else test(run)
+        _leave_process_group(wait=True)
     except MMError as e:
+        _leave_process_group(wait=False)
         sys.exit(f"rmix mm {args.cmd}: {e}")
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Destroy the process group (torchrun) before the interpreter exits, after every rank is done when ``wait``:
+    gloo's threads torn down while Python clears its modules can abort the process ("terminate called without an
+    active exception", seen once in CI with two CPU ranks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ named by ``model.backbone.init_cfg`` and raises :class:`BackboneMismatch` if any
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -105,26 +106,28 @@ def dense_mixes(runner) -> dict:
 
 
 def hand_over_at_saves(runner, key: str, state) -> None:
-    """Every rank's ``state()`` goes into each checkpoint the run saves (read it with :func:`handed_over`).
+    """Every rank's ``state(runner)`` goes into each checkpoint the run saves (read it with :func:`handed_over`).
 
     mmengine's ``Runner.save_checkpoint`` is entered on every rank (CheckpointHook decides alike everywhere) but
     writes, and calls ``before_save_checkpoint``, on rank 0 only: a hook there sees rank 0's state alone. So the
     runner's ``save_checkpoint`` is wrapped: every rank hands its states over first (``all_gather_object``, a
-    collective all ranks enter there), then rank 0 writes. One wrapper serves every key."""
+    collective all ranks enter there), then rank 0 writes. One wrapper serves every key; it holds the runner
+    weakly, so it adds no reference cycle."""
     getters = runner.__dict__.setdefault("_rmix_state_getters", {})
     getters[key] = state
     if "save_checkpoint" in runner.__dict__:  # wrapped already, for another key
         return
-    save = runner.save_checkpoint
+    save, owner = type(runner).save_checkpoint, weakref.ref(runner)
 
     def save_checkpoint(*args, **kwargs):
         from mmengine.dist import all_gather_object
 
-        runner._rmix_handed_over = all_gather_object({k: get() for k, get in getters.items()})
+        run = owner()
+        run._rmix_handed_over = all_gather_object({k: get(run) for k, get in run._rmix_state_getters.items()})
         try:
-            return save(*args, **kwargs)
+            return save(run, *args, **kwargs)
         finally:
-            runner._rmix_handed_over = None
+            run._rmix_handed_over = None
 
     runner.save_checkpoint = save_checkpoint
 
@@ -166,13 +169,16 @@ class DenseMixState(Hook):
     priority = "NORMAL"
 
     def before_run(self, runner) -> None:
-        hand_over_at_saves(runner, self.KEY,
-                           lambda: {name: mix.state_dict() for name, mix in dense_mixes(runner).items()})
+        hand_over_at_saves(runner, self.KEY, self._states)
+
+    @staticmethod
+    def _states(runner) -> dict:
+        return {name: mix.state_dict() for name, mix in dense_mixes(runner).items()}
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         per_rank = handed_over(runner, self.KEY)
         if per_rank is None:  # saved outside the wrapper: this process's own state
-            per_rank = [{name: mix.state_dict() for name, mix in dense_mixes(runner).items()}]
+            per_rank = [self._states(runner)]
         if any(per_rank):
             checkpoint[self.KEY] = {"ranks": per_rank}
 
@@ -229,11 +235,12 @@ class DaliReaderState(Hook):
         return loader if isinstance(loader, MMDaliLoader) else None
 
     def before_run(self, runner) -> None:
-        def state():
-            loader = self._loader(runner)
-            return loader.loader.reader_state() if loader is not None else None
+        hand_over_at_saves(runner, self.KEY, self._state)
 
-        hand_over_at_saves(runner, self.KEY, state)
+    @classmethod
+    def _state(cls, runner):
+        loader = cls._loader(runner)
+        return loader.loader.reader_state() if loader is not None else None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         per_rank = handed_over(runner, self.KEY)
