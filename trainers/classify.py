@@ -209,6 +209,15 @@ def forward_loss(ddp_model, b, cfg: TrainConfig):
     return logits, loss + roi, roi
 
 
+def mixed_precision(amp: str, device: torch.device):
+    """``(autocast, scaler)`` for ``--amp`` off / fp16 / bf16: a context factory for the forward pass and the
+    gradient scaler (enabled for fp16 only). The CPU trains in full precision whatever ``amp`` says."""
+    amp = amp if device.type == "cuda" else "off"
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16))
+                if amp != "off" else nullcontext)
+    return autocast, torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+
 def train_one_epoch(ddp_model, loader, optimizer, scaler, cfg: TrainConfig, epoch: int, state: RunState, *,
                     device: torch.device, world: int = 1, autocast=nullcontext, log: Callable = print,
                     should_stop: Optional[Callable[[], bool]] = None, master: bool = True) -> dict:
@@ -387,10 +396,7 @@ def run(cfg: TrainConfig) -> dict:
     ddp_model = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     optimizer = build_optimizer(cfg, model)
-    amp = cfg.amp if device.type == "cuda" else "off"  # the CPU trains in full precision
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)) \
-        if amp != "off" else nullcontext
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    autocast, scaler = mixed_precision(cfg.amp, device)
 
     # -- resume ----------------------------------------------------------------------------------
     state, start_epoch, mid_epoch = RunState(), 1, False

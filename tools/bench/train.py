@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from rmix import RecursiveMix
 from shards.build import ShardParams, build
 from tools.photos import write_photo_cifar
 from tools.timing import Timing, compare, measure
-from trainers.classify import RunState, train_one_epoch
+from trainers.classify import RunState, mixed_precision, train_one_epoch
 from trainers.config import TrainConfig
 from trainers.models import build_model
 
@@ -88,14 +87,12 @@ def main(argv=None) -> None:
                       batch_size=args.batch_size, lr=0.05, aug="recursive_mix", aug_omega=0.5, print_freq=10**9,
                       amp=args.amp, progress=False).validate()
     amp = args.amp if device.type == "cuda" else "off"
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16))
-                if amp != "off" else nullcontext)
 
     def trainer(loader):
         torch.manual_seed(0)
         model = build_model(family, name, 10, imagenet=False).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        autocast, scaler = mixed_precision(amp, device)
         state = RunState()
 
         def job() -> int:
