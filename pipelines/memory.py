@@ -34,6 +34,7 @@ try:
 except ImportError:  # pragma: no cover - numba comes with the ffcv extra
     numba = None
 
+from rmix import byte_shuffle
 from rmix.boxes import PastePlan
 from rmix.host_threads import over_batch
 from shards.checks import check_wds_split
@@ -116,6 +117,8 @@ def batch_crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, flip: 
 
 
 if numba is not None:
+    from rmix.byte_shuffle import store_pair  # a stub off x86-64, where no shuffle plan is made
+
     # Offsets are uint64 on purpose: numba wraps negative indices, and that per-element branch on a signed
     # index keeps LLVM from vectorising the row copies (a CIFAR batch of 512, one thread: 2.4 -> 1.0 ms here).
     # Mixing int64 and uint64 in numba gives float64, so every term is converted before it is added.
@@ -125,15 +128,18 @@ if numba is not None:
             out[start + np.uint64(k)] = 0
 
     @numba.njit(nogil=True, cache=False)
-    def _select_crop_flip(src, sel, dy, dx, flips, pad, out, hist, hist_sel, box_rows, box_cols, bx, by):  # pragma: no cover - compiled
+    def _select_crop_flip(src, sel, dy, dx, flips, pad, out, hist, hist_sel, box_rows, box_cols, bx, by,
+                          starts, windows, masks):  # pragma: no cover - compiled
         n_, c_, h, w = out.shape
         plane = h * w
-        flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+        flat_src, flat_out, flat_hist = src.reshape(-1), out.reshape(-1), hist.reshape(-1)
         # the planned paste (rmix.boxes.PastePlan): box rows by.. read history rows box_rows, its columns
-        # bx.. read history columns box_cols; no rows when nothing is pasted
-        hist_h, hist_w = hist.shape[2], hist.shape[3]
-        flat_hist = hist.reshape(-1)
-        nb_rows, nb_cols = box_rows.shape[0], box_cols.shape[0]
+        # bx.. read history columns box_cols; no rows when nothing is pasted. With a shuffle plan (starts,
+        # windows, masks: rmix.byte_shuffle.inside_plan) each box row is a few 16-byte stores
+        hist_plane, hist_w = hist.shape[2] * hist.shape[3], np.uint64(hist.shape[3])
+        nb_rows, nb_cols, chunks = box_rows.shape[0], box_cols.shape[0], starts.shape[0]
+        out_base, hist_base = np.uint64(out.ctypes.data), np.uint64(hist.ctypes.data)
+        mask_base = np.uint64(masks.ctypes.data)
         for n in range(n_):
             oy, ox, f = dy[n] - pad, dx[n] - pad, flips[n]
             # output columns [lo, hi) read a source column inside the image, the others are zero padding
@@ -157,11 +163,23 @@ if numba is not None:
                             start = np.uint64(src_plane + sy * w + ox + lo)
                             for k in range(width):
                                 flat_out[first + np.uint64(k)] = flat_src[start + np.uint64(k)]
-                    # the paste overwrites the box's part of the row while the row is in cache
-                    i = y - by
-                    if 0 <= i < nb_rows:
+            if nb_rows == 0:
+                continue
+            # the paste, once the sample's planes are written and still in L1: kept out of the row loop above,
+            # which then compiles to a faster crop (the loader, old and new kernel in one process, paired: mix
+            # off 1.06-1.10x, RecursiveMix 1.03-1.05x; README, eighth session)
+            for c in range(c_):
+                out_rows = np.uint64((n * c_ + c) * plane + by * w)
+                hist_rows = np.uint64((hist_sel[n] * c_ + c) * hist_plane)
+                for i in range(nb_rows):
+                    row, hist_row = out_rows + np.uint64(i * w), hist_rows + box_rows[i] * hist_w
+                    if chunks:
+                        for k in range(chunks):
+                            store_pair(out_base + row + np.uint64(starts[k]), hist_base + hist_row + windows[2 * k],
+                                       mask_base + np.uint64(32 * k), hist_base + hist_row + windows[2 * k + 1],
+                                       mask_base + np.uint64(32 * k + 16))
+                    else:
                         at = row + np.uint64(bx)
-                        hist_row = np.uint64((hist_sel[n] * c_ + c) * hist_h * hist_w) + box_rows[i] * np.uint64(hist_w)
                         for k in range(nb_cols):
                             flat_out[at + np.uint64(k)] = flat_hist[hist_row + box_cols[k]]
 
@@ -173,6 +191,7 @@ def fuses_paste(images: torch.Tensor) -> bool:
 
 _NO_ROWS = np.zeros(0, dtype=np.uint64)
 _NO_SEL = np.zeros(0, dtype=np.int64)
+_NO_MASKS = np.zeros((0, 16), dtype=np.uint8)
 
 
 def select_crop_flip(images: torch.Tensor, sel: torch.Tensor, pad: int, gen: torch.Generator,
@@ -183,8 +202,9 @@ def select_crop_flip(images: torch.Tensor, sel: torch.Tensor, pad: int, gen: tor
     On the CPU (with numba, which comes with FFCV) the sample selection, zero-padded crop and flip are one
     pass of row copies instead of a select, a pad and two gathers (torch's uint8 gather copies byte by byte):
     ~1 ms for a CIFAR batch of 512 here, against ~25 ms for the torch ops. The paste rides in the same pass:
-    each box row is overwritten with its history pixels right after the crop wrote it, so the mix neither
-    walks the batch again nor wakes the threads a second time. The batch is split over the intra-op threads
+    once a sample's planes are written, and still in L1, its box rows are overwritten with their history
+    pixels (16-byte byte shuffles for a box at least 16 wide, :func:`rmix.byte_shuffle.inside_plan`; byte by
+    byte otherwise), so the mix neither walks the batch again nor wakes the threads a second time. The batch is split over the intra-op threads
     (:func:`rmix.host_threads.over_batch`): nothing decodes beside this path. Elsewhere (a GPU, no numba) it
     is those torch ops and the plan's own paste.
     """
@@ -203,10 +223,12 @@ def select_crop_flip(images: torch.Tensor, sel: torch.Tensor, pad: int, gen: tor
                              f"the dataset {images.dtype} with {images.shape[1]}")
         hist, hsel, rows, cols = paste.source.contiguous().numpy(), paste.source_rows, paste.rows, paste.cols
         bx, by = paste.box[0], paste.box[1]
+        shuffles = byte_shuffle.inside_plan(cols, bx, o.shape[3], hist.shape[3])
     else:  # nothing to paste: no box rows
-        hist, hsel, rows, cols, bx, by = src, _NO_SEL, _NO_ROWS, _NO_ROWS, 0, 0
-    over_batch(lambda a, b: _select_crop_flip(src, s[a:b], y[a:b], x[a:b], f[a:b], pad, o[a:b],
-                                              hist, hsel[a:b], rows, cols, bx, by), n, o.nbytes)
+        hist, hsel, rows, cols, bx, by, shuffles = src, _NO_SEL, _NO_ROWS, _NO_ROWS, 0, 0, None
+    starts, windows, masks = shuffles if shuffles is not None else (_NO_SEL, _NO_ROWS, _NO_MASKS)
+    over_batch(lambda a, b: _select_crop_flip(src, s[a:b], y[a:b], x[a:b], f[a:b], pad, o[a:b], hist, hsel[a:b],
+                                              rows, cols, bx, by, starts, windows, masks), n, o.nbytes)
     return out
 
 

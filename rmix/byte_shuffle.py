@@ -61,6 +61,16 @@ AVAILABLE = _cpu_has_pshufb()
 if AVAILABLE:
     _V16 = ir.VectorType(ir.IntType(8), 16)
 
+    def _load16(builder, addr):
+        return builder.load(builder.inttoptr(addr, _V16.as_pointer()), align=1)
+
+    def _two_shuffles(builder, src0, mask0, src1, mask1):
+        """IR for ``pshufb(src0, mask0) | pshufb(src1, mask1)``, each 16 bytes loaded unaligned from a uint64 address."""
+        shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16]),
+                                                 "llvm.x86.ssse3.pshuf.b.128")
+        return builder.or_(builder.call(shuffle, [_load16(builder, src0), _load16(builder, mask0)]),
+                           builder.call(shuffle, [_load16(builder, src1), _load16(builder, mask1)]))
+
     @intrinsic
     def _shuffle_pair(typingctx, dst, src0, mask0, src1, mask1, keep):
         """Store ``pshufb(src0, mask0) | pshufb(src1, mask1) | (dst & keep)`` at ``dst``: 16 bytes each,
@@ -70,17 +80,24 @@ if AVAILABLE:
 
         def codegen(context, builder, signature, args):
             dst, src0, mask0, src1, mask1, keep = args
-            ptr = _V16.as_pointer()
-            shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16]),
-                                                     "llvm.x86.ssse3.pshuf.b.128")
+            out = _two_shuffles(builder, src0, mask0, src1, mask1)
+            out = builder.or_(out, builder.and_(_load16(builder, dst), _load16(builder, keep)))
+            builder.store(out, builder.inttoptr(dst, _V16.as_pointer()), align=1)
+            return context.get_dummy_value()
 
-            def load(addr):
-                return builder.load(builder.inttoptr(addr, ptr), align=1)
+        return sig, codegen
 
-            out = builder.or_(builder.call(shuffle, [load(src0), load(mask0)]),
-                              builder.call(shuffle, [load(src1), load(mask1)]))
-            out = builder.or_(out, builder.and_(load(dst), load(keep)))
-            builder.store(out, builder.inttoptr(dst, ptr), align=1)
+    @intrinsic
+    def store_pair(typingctx, dst, src0, mask0, src1, mask1):
+        """Store ``pshufb(src0, mask0) | pshufb(src1, mask1)`` at ``dst`` (16 bytes, unaligned, addresses as
+        uint64), reading nothing at ``dst``: for a chunk that lies inside its box, written right after the
+        row around it (a 16-byte load of bytes that were just stored would wait for those stores)."""
+        sig = types.void(types.uint64, types.uint64, types.uint64, types.uint64, types.uint64)
+
+        def codegen(context, builder, signature, args):
+            dst, src0, mask0, src1, mask1 = args
+            builder.store(_two_shuffles(builder, src0, mask0, src1, mask1), builder.inttoptr(dst, _V16.as_pointer()),
+                          align=1)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -171,6 +188,12 @@ if AVAILABLE:
                                           k_base + np.uint64(16 * q))
                             q += 1
 
+elif numba is not None:  # pragma: no cover - not x86-64: kernels that take a shuffle plan get none
+    @numba.njit(nogil=True, cache=False)
+    def store_pair(dst, src0, mask0, src1, mask1):
+        raise RuntimeError("byte shuffles need an x86-64 CPU with SSSE3")
+
+
 _PLANS: dict = {}  # (box columns, source width, destination width, x1 where it matters) -> plan
 
 
@@ -184,6 +207,17 @@ def plan(cols: np.ndarray, x1: int, width: int, in_w: int):
     if nc >= 16:  # chunk starts are planned for x1 = 0
         p = (p[0] + x1, *p[1:])
     return p
+
+
+def inside_plan(cols: np.ndarray, x1: int, width: int, in_w: int):
+    """``(starts, windows, masks)`` for :func:`store_pair`, or None: for a box at least 16 pixels wide whose
+    chunks each read at most two windows (a downscale by up to 2, e.g. every RecursiveMix box on CIFAR), every
+    chunk lies inside the box, so a kernel that has just written the row around it stores the chunks without
+    reading anything back."""
+    if not AVAILABLE or cols.shape[0] < 16 or width < 16 or in_w < 16:
+        return None
+    starts, windows, masks, _, _ = plan(cols, x1, width, in_w)
+    return (starts, windows, masks) if windows.shape[0] == 2 * starts.shape[0] else None
 
 
 def usable(dst: np.ndarray, src: np.ndarray) -> bool:

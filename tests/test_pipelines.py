@@ -881,15 +881,25 @@ def test_memory_fused_select_crop_flip_equals_the_torch_ops(flip, size, pad):
     assert not torch.equal(got, images.index_select(0, sel))  # it did crop or flip
 
 
+@pytest.mark.parametrize("shuffles", [True, False])
 @pytest.mark.parametrize("history_size", [(32, 32), (24, 40), (5, 3)])
-def test_memory_crop_copies_a_planned_paste_as_the_mix_would(history_size):
+def test_memory_crop_copies_a_planned_paste_as_the_mix_would(history_size, shuffles, monkeypatch):
     """The crop kernel's fused paste equals the torch crop followed by the plan's own paste (paste_one_box),
     bit for bit: random boxes (zero area, touching every edge, 1 pixel wide), a history of another size than
-    the batch, fewer history rows than samples, rows entirely of zero padding (pad 40)."""
+    the batch, fewer history rows than samples, rows entirely of zero padding (pad 40); boxes at least 16
+    wide with byte shuffles and without them (a CPU without SSSE3), narrower ones row by row."""
     import numpy as np
     from pipelines.memory import batch_crop_flip, fuses_paste, select_crop_flip
+    from rmix import byte_shuffle
     from rmix.boxes import PastePlan
 
+    shuffled = []
+    if shuffles:
+        assert byte_shuffle.AVAILABLE  # the Makefile installs numba: on this CPU the shuffles must run
+        inside_plan = byte_shuffle.inside_plan
+        monkeypatch.setattr(byte_shuffle, "inside_plan", lambda *a: shuffled.append(inside_plan(*a)) or shuffled[-1])
+    else:
+        monkeypatch.setattr(byte_shuffle, "AVAILABLE", False)
     g = torch.Generator().manual_seed(2)
     rng = np.random.default_rng(2)
     images = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -908,6 +918,8 @@ def test_memory_crop_copies_a_planned_paste_as_the_mix_would(history_size):
         assert torch.equal(got, want), (t, plan.box)
         pasted += (x2 - x1) * (y2 - y1) > 0
     assert pasted > 40
+    if shuffles and history_size[1] >= 16:  # some boxes went by shuffles, others row by row
+        assert 5 < sum(p is not None for p in shuffled) < pasted
 
 
 def test_memory_loader_fuses_the_paste_and_gives_the_unfused_batches(cifar_shards, monkeypatch):
