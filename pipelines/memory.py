@@ -204,9 +204,9 @@ def select_crop_flip(images: torch.Tensor, sel: torch.Tensor, pad: int, gen: tor
     ~1 ms for a CIFAR batch of 512 here, against ~25 ms for the torch ops. The paste rides in the same pass:
     once a sample's planes are written, and still in L1, its box rows are overwritten with their history
     pixels (16-byte byte shuffles for a box at least 16 wide, :func:`rmix.byte_shuffle.inside_plan`; byte by
-    byte otherwise), so the mix neither walks the batch again nor wakes the threads a second time. The batch is split over the intra-op threads
-    (:func:`rmix.host_threads.over_batch`): nothing decodes beside this path. Elsewhere (a GPU, no numba) it
-    is those torch ops and the plan's own paste.
+    byte otherwise), so the mix neither walks the batch again nor wakes the threads a second time. The batch
+    is split over the intra-op threads (:func:`rmix.host_threads.over_batch`): nothing decodes beside this
+    path. Elsewhere (a GPU, no numba) it is those torch ops and the plan's own paste.
     """
     if not fuses_paste(images):
         out = batch_crop_flip(images.index_select(0, sel), pad, gen, flip)

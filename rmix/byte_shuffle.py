@@ -14,7 +14,9 @@ replayed with byte shuffles:
 numba has no byte shuffle of its own, so the instruction comes from LLVM (``llvm.x86.ssse3.pshuf.b.128``)
 through a numba intrinsic. :data:`AVAILABLE` is False where the CPU lacks it (not x86-64, or no SSSE3) or numba
 is missing; :func:`rmix.boxes.paste_one_box` then keeps its scalar kernel. Both give ``F.interpolate(mode=
-'nearest')`` bit for bit (tests/test_rmix.py checks the two against it and against each other).
+'nearest')`` bit for bit (tests/test_rmix.py checks the two against it and against each other). The memory
+path's crop kernel uses :func:`store_pair` on the plan of :func:`inside_plan`: chunks that lie inside a box at
+least 16 wide, stored without reading the row back (tests/test_pipelines.py checks it against the torch route).
 
 Measured here (AMD EPYC, one thread, median over 300 RecursiveMix boxes, alpha 0.5), scalar -> shuffles:
 CIFAR batch 512 x 3 x 32 x 32 0.27 -> 0.20 ms; ImageNet 64 x 3 x 224 x 224 1.70 -> 1.42 ms; ADE20K 8 x 3 x 512 x
@@ -65,7 +67,7 @@ if AVAILABLE:
         return builder.load(builder.inttoptr(addr, _V16.as_pointer()), align=1)
 
     def _two_shuffles(builder, src0, mask0, src1, mask1):
-        """IR for ``pshufb(src0, mask0) | pshufb(src1, mask1)``, each 16 bytes loaded unaligned from a uint64 address."""
+        """IR for ``pshufb(src0, mask0) | pshufb(src1, mask1)``: 16 bytes each, unaligned, uint64 addresses."""
         shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16]),
                                                  "llvm.x86.ssse3.pshuf.b.128")
         return builder.or_(builder.call(shuffle, [_load16(builder, src0), _load16(builder, mask0)]),
