@@ -223,7 +223,7 @@ def select_crop_flip(images: torch.Tensor, sel: torch.Tensor, pad: int, gen: tor
                              f"the dataset {images.dtype} with {images.shape[1]}")
         hist, hsel, rows, cols = paste.source.contiguous().numpy(), paste.source_rows, paste.rows, paste.cols
         bx, by = paste.box[0], paste.box[1]
-        shuffles = byte_shuffle.inside_plan(cols, bx, o.shape[3], hist.shape[3])
+        shuffles = byte_shuffle.inside_plan(o, hist, cols, bx)  # uint8 batches only
     else:  # nothing to paste: no box rows
         hist, hsel, rows, cols, bx, by, shuffles = src, _NO_SEL, _NO_ROWS, _NO_ROWS, 0, 0, None
     starts, windows, masks = shuffles if shuffles is not None else (_NO_SEL, _NO_ROWS, _NO_MASKS)

@@ -211,14 +211,14 @@ def plan(cols: np.ndarray, x1: int, width: int, in_w: int):
     return p
 
 
-def inside_plan(cols: np.ndarray, x1: int, width: int, in_w: int):
-    """``(starts, windows, masks)`` for :func:`store_pair`, or None: for a box at least 16 pixels wide whose
-    chunks each read at most two windows (a downscale by up to 2, e.g. every RecursiveMix box on CIFAR), every
-    chunk lies inside the box, so a kernel that has just written the row around it stores the chunks without
-    reading anything back."""
-    if not AVAILABLE or cols.shape[0] < 16 or width < 16 or in_w < 16:
+def inside_plan(dst: np.ndarray, src: np.ndarray, cols: np.ndarray, x1: int):
+    """``(starts, windows, masks)`` for :func:`store_pair`, or None: for arrays :func:`usable` takes and a box at
+    least 16 pixels wide whose chunks each read at most two windows (a downscale by up to 2, e.g. every
+    RecursiveMix box on CIFAR), every chunk lies inside the box, so a kernel that has just written the row around
+    it stores the chunks without reading anything back."""
+    if cols.shape[0] < 16 or not usable(dst, src):
         return None
-    starts, windows, masks, _, _ = plan(cols, x1, width, in_w)
+    starts, windows, masks, _, _ = plan(cols, x1, dst.shape[3], src.shape[3])
     return (starts, windows, masks) if windows.shape[0] == 2 * starts.shape[0] else None
 
 

@@ -920,6 +920,13 @@ def test_memory_crop_copies_a_planned_paste_as_the_mix_would(history_size, shuff
     assert pasted > 40
     if shuffles and history_size[1] >= 16:  # some boxes went by shuffles, others row by row
         assert 5 < sum(p is not None for p in shuffled) < pasted
+    # a float dataset tensor pastes element by element (the shuffles move bytes): a box as wide as the image
+    floats, history = images.float() / 255, torch.rand(8, 3, *history_size, generator=g)
+    sel = torch.arange(8)
+    plan = PastePlan.nearest((0, 3, 32, 29), history, 8)
+    want = batch_crop_flip(floats.index_select(0, sel), 4, torch.Generator().manual_seed(0))
+    plan.apply(want)
+    assert torch.equal(select_crop_flip(floats, sel, 4, torch.Generator().manual_seed(0), paste=plan), want)
 
 
 def test_memory_loader_fuses_the_paste_and_gives_the_unfused_batches(cifar_shards, monkeypatch):
