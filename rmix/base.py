@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .batch import MixedBatch, as_soft_targets, check_images
+from .batch import MixedBatch, as_soft_targets, check_images, label_range_error, one_hot_table
 from .boxes import PastePlan
 
 try:
@@ -17,16 +17,36 @@ except ImportError:  # pragma: no cover - numba comes with FFCV, which the Makef
 
 if numba is not None:
     @numba.njit(nogil=True, cache=False)
-    def _scalar_lam_rows(targets, other, lam, rest, box, out_targets, out_boxes, out_lam):  # pragma: no cover - compiled
-        # the float32 operations of the tensor route, in its order: targets * lam + other * rest (no fused multiply-add)
-        for i in range(out_targets.shape[0]):
-            for j in range(out_targets.shape[1]):
-                out_targets[i, j] = targets[i, j] * lam + other[i, j] * rest
-            for j in range(out_boxes.shape[1]):
+    def _scalar_lam_rows(source, rows, other, lam, rest, box):  # pragma: no cover - compiled
+        # row i of the targets: source[rows[i]] * lam + other[i] * rest, the float32 operations of the tensor
+        # route in its order (no fused multiply-add); the outputs are allocated here, not by a numpy call each.
+        # Returns them and the first i whose row is outside source (-1: none)
+        n, k, corners = rows.shape[0], source.shape[1], box.shape[0]
+        out_targets = np.empty((n, k), np.float32)
+        out_boxes = np.empty((n, corners), np.float32)
+        out_lam = np.empty(n, np.float32)
+        for i in range(n):
+            r = rows[i]
+            if r < 0 or r >= source.shape[0]:
+                return out_targets, out_boxes, out_lam, i
+            for j in range(k):
+                out_targets[i, j] = source[r, j] * lam + other[i, j] * rest
+            for j in range(corners):
                 out_boxes[i, j] = box[j]
             out_lam[i] = lam
+        return out_targets, out_boxes, out_lam, -1
 else:  # pragma: no cover
     _scalar_lam_rows = None  # the tensor route (the tests set this to exercise it)
+
+_NO_BOX = np.zeros(0, np.float32)
+_ROWS: dict = {}  # n -> arange(n) as int64: soft targets are read row i for row i
+
+
+def _identity_rows(n: int) -> np.ndarray:
+    rows = _ROWS.get(n)
+    if rows is None:
+        rows = _ROWS.setdefault(n, np.arange(n, dtype=np.int64))
+    return rows
 
 
 class Mix:
@@ -48,6 +68,10 @@ class Mix:
     #: whether the mix only copies pixels (no blending, no interpolation), so mixing a uint8 batch and
     #: normalising afterwards equals normalising first (a loader then mixes a quarter of the bytes)
     exact_on_uint8 = False
+    #: whether ``_mix`` takes the targets as given, (N,) integer labels included, and makes soft targets where it
+    #: needs them (RecursiveMix: its compiled pass reads the labels, :meth:`_label_table`); else ``_mix`` gets
+    #: (N, K) soft targets on the images' device
+    reads_labels = False
 
     def __init__(self, num_classes: Optional[int] = None, smoothing: float = 0.0, seed: int = 0):
         self.num_classes = num_classes
@@ -57,10 +81,11 @@ class Mix:
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, pasted: Optional[PastePlan] = None) -> MixedBatch:
         """Mix a batch. ``pasted``: the plan :meth:`plan_paste` returned, already applied to ``images``."""
         check_images(images, targets)
-        soft = as_soft_targets(targets, self.num_classes, self.smoothing)
+        if not self.reads_labels:
+            targets = self._soft_targets(targets, images.device)
         if pasted is not None:
-            return self._mix(images, soft.to(images.device), pasted=pasted)
-        return self._mix(images, soft.to(images.device))
+            return self._mix(images, targets, pasted=pasted)
+        return self._mix(images, targets)
 
     def plan_paste(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Optional[PastePlan]:
         """The next call's paste, drawn before the batch of ``shape`` exists, or None (the default: the
@@ -99,26 +124,50 @@ class Mix:
         lam = lam[:, None]
         return lam * targets + (1.0 - lam) * other
 
+    def _soft_targets(self, targets: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(N, K) float32 soft targets on ``device`` from labels or soft targets (:func:`rmix.batch.as_soft_targets`)."""
+        return as_soft_targets(targets, self.num_classes, self.smoothing).to(device)
+
+    def _label_table(self, targets: torch.Tensor, device: torch.device) -> Optional[np.ndarray]:
+        """The host (K, K) table of soft-target rows when :meth:`_scalar_lam_batch` can read these targets as
+        labels in its compiled pass (CPU (N,) int64/int32 labels, a CPU batch, at most 2,048 classes), else None
+        (then make soft targets first)."""
+        if (_scalar_lam_rows is None or device.type != "cpu" or targets.device.type != "cpu" or targets.dim() != 1
+                or targets.dtype not in (torch.int64, torch.int32) or self.num_classes is None):
+            return None
+        table = one_hot_table(self.num_classes, self.smoothing, targets.device)
+        return None if table is None else table.numpy()
+
     @staticmethod
     def _scalar_lam_batch(targets: torch.Tensor, other: torch.Tensor, lam: float,
-                          box: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+                          box: Optional[Sequence[int]] = None, table: Optional[np.ndarray] = None,
+                          ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """For one lam (and at most one box) shared by the batch: the mixed targets ``lam * targets + (1 - lam) *
         other``, the (N, 4) float32 boxes (None without ``box``) and the (N,) float32 lams, on the targets' device.
 
         Bit for bit :meth:`_mix_targets` with a float32 lam tensor. On the CPU it is one compiled pass (numba) that
-        writes all three: a loader calls this every batch, right after the batch went through the caches, where each
-        small numpy or torch op costs 10-30 us (CIFAR batch of 512, in the loader: 96 -> 59 us). Elsewhere, and
-        for targets that need grad, the tensor ops."""
+        allocates and writes all three: a loader calls this every batch, right after the batch went through the
+        caches, where each small numpy or torch op costs 10-30 us (CIFAR batch of 512, in the loader: 96 -> 59 us).
+        With ``table`` (:meth:`_label_table`) ``targets`` are (N,) integer labels and the pass reads row
+        ``table[label]`` itself, so no (N, K) lookup comes first (memory loader, README). Elsewhere, and for targets
+        that need grad, the tensor ops."""
         lam = np.float32(lam)
         rest = np.float32(1.0) - lam
         n, device = targets.shape[0], targets.device
-        if (device.type == "cpu" and _scalar_lam_rows is not None and not (targets.requires_grad or other.requires_grad)
+        if table is not None and (other.shape != (n, table.shape[1]) or other.dtype != torch.float32
+                                  or other.device.type != "cpu" or other.requires_grad):
+            targets, table = torch.from_numpy(table).index_select(0, targets), None  # (not a route our mixes take)
+        if table is not None or (
+                device.type == "cpu" and _scalar_lam_rows is not None and not (targets.requires_grad or other.requires_grad)
                 and targets.dtype == other.dtype == torch.float32 and other.shape == targets.shape):
-            out_targets = np.empty(tuple(targets.shape), np.float32)
-            out_boxes = np.empty((n, 4 if box is not None else 0), np.float32)
-            out_lam = np.empty(n, np.float32)
-            corners = np.array(box if box is not None else (), np.float32)
-            _scalar_lam_rows(targets.numpy(), other.numpy(), lam, rest, corners, out_targets, out_boxes, out_lam)
+            if table is None:
+                source, rows = targets.numpy(), _identity_rows(n)
+            else:
+                source, rows = table, targets.numpy()
+            corners = _NO_BOX if box is None else np.array(box, np.float32)
+            out_targets, out_boxes, out_lam, bad = _scalar_lam_rows(source, rows, other.numpy(), lam, rest, corners)
+            if bad >= 0:
+                raise label_range_error(targets, source.shape[0])
             return (torch.from_numpy(out_targets), torch.from_numpy(out_boxes) if box is not None else None,
                     torch.from_numpy(out_lam))
         mixed = targets * float(lam) + other * float(rest)

@@ -41,30 +41,48 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.
     ``smoothing / (K - 1)`` elsewhere (the seed's convention, which differs from timm's
     ``smoothing / K``).
 
-    One row lookup in a cached (K, K) table of those rows (up to 2,048 classes; more fill and scatter):
-    a loader calls this every batch, and each small op costs 10-30 us once the batch has gone through
-    the caches. Both give the same float32 values; a label outside 0..K-1 is one ValueError line either
-    way (on the CPU)."""
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    One row lookup in a cached (K, K) table of those rows (:func:`one_hot_table`, up to 2,048 classes; more
+    fill and scatter): a loader calls this every batch, and each small op costs 10-30 us once the batch has
+    gone through the caches. Both give the same float32 values; a label outside 0..K-1 is one ValueError
+    line either way (on the CPU)."""
     try:
         if num_classes > _TABLE_MAX_CLASSES:
+            _check_smoothing(num_classes, smoothing)
             return _fill_and_scatter(labels, num_classes, smoothing)
-        key = (num_classes, smoothing, labels.device)
-        table = _TABLES.get(key)
-        if table is None:
-            classes = torch.arange(num_classes, device=labels.device)
-            table = _TABLES.setdefault(key, _fill_and_scatter(classes, num_classes, smoothing))
+        table = one_hot_table(num_classes, smoothing, labels.device)
         return table.index_select(0, labels if labels.dtype in (torch.int64, torch.int32) else labels.long())
     except (IndexError, RuntimeError):
         # the range is checked only here, once torch has refused: no reduction over the labels per batch
         # (on a GPU an out-of-range index is a device-side assert instead, which no check here can turn into this)
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-            raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}"
-                             ) from None
+            raise label_range_error(labels, num_classes) from None
         raise
+
+
+def one_hot_table(num_classes: int, smoothing: float, device) -> Optional[torch.Tensor]:
+    """The (K, K) float32 table whose row c is :func:`smooth_one_hot` of label c, cached per (K, smoothing,
+    device); None above 2,048 classes (a table of more than 16 MB)."""
+    _check_smoothing(num_classes, smoothing)
+    if num_classes > _TABLE_MAX_CLASSES:
+        return None
+    key = (num_classes, smoothing, torch.device(device))
+    table = _TABLES.get(key)
+    if table is None:
+        classes = torch.arange(num_classes, device=device)
+        table = _TABLES.setdefault(key, _fill_and_scatter(classes, num_classes, smoothing))
+    return table
+
+
+def label_range_error(labels: torch.Tensor, num_classes: int) -> ValueError:
+    """The one-line error for labels outside 0..K-1."""
+    return ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+
+
+def _check_smoothing(num_classes: int, smoothing: float) -> None:
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
 
 
 def _fill_and_scatter(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:

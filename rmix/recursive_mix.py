@@ -70,6 +70,7 @@ class RecursiveMix(Mix):
 
     name = "recursive_mix"
     uses_logits = True
+    reads_labels = True  # one box per batch on the CPU: the compiled pass that mixes the targets reads the labels
 
     def __init__(
         self,
@@ -174,7 +175,9 @@ class RecursiveMix(Mix):
         return self._planned
 
     def _draw_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        return sample_box(self.rng, math.sqrt(self.rng.uniform(0.0, self.alpha)), height, width)
+        # alpha * U[0, 1) is the bits of uniform(0, alpha) (numpy computes 0 + alpha * U), from the same draw,
+        # through a cheaper call
+        return sample_box(self.rng, math.sqrt(self.alpha * self.rng.random()), height, width)
 
     def _draw_ratio(self, n: int) -> np.ndarray:
         return np.sqrt(self.rng.uniform(0.0, self.alpha, size=n))
@@ -188,6 +191,10 @@ class RecursiveMix(Mix):
                                else "pasted= must be the plan plan_paste() returned last")
         if pasted is not None and (pasted.source_rows.shape[0] != n or pasted.box[2] > width or pasted.box[3] > height):
             raise ValueError(f"the plan was drawn for another batch shape than {tuple(images.shape)}")
+        # (N,) labels stay labels where the compiled pass of _scalar_lam_batch reads them (one box per batch, CPU)
+        table = self._label_table(targets, device) if self.box == "batch" and self._images is not None else None
+        if table is None:
+            targets = self._soft_targets(targets, device)
         if self._images is None:
             self._remember(images, targets)
             return MixedBatch(images, targets, None, self._full_lam(n, 1.0, device))
@@ -196,8 +203,9 @@ class RecursiveMix(Mix):
         if hist_images.device != device:  # e.g. restored from a CPU state_dict
             hist_images, hist_targets = hist_images.to(device), hist_targets.to(device)
             hist_logits = hist_logits.to(device) if hist_logits is not None else None
-        if hist_targets.shape[1] != targets.shape[1]:
-            raise ValueError(f"history has {hist_targets.shape[1]} classes, batch has {targets.shape[1]}")
+        classes = targets.shape[1] if table is None else table.shape[1]
+        if hist_targets.shape[1] != classes:
+            raise ValueError(f"history has {hist_targets.shape[1]} classes, batch has {classes}")
         if hist_images.shape[1] != images.shape[1]:
             raise ValueError(f"history has {hist_images.shape[1]} channels, batch has {images.shape[1]}")
         hist_n = hist_images.shape[0]
@@ -219,11 +227,13 @@ class RecursiveMix(Mix):
             area = (x2 - x1) * (y2 - y1)
             if area == 0:  # side < 2 pixels: nothing pasted
                 boxes, lam, history_logits = None, self._full_lam(n, 1.0, device), None
+                if table is not None:
+                    targets = self._soft_targets(targets, device)
             else:
                 if pasted is None:  # else the caller copied these pixels while it wrote the batch
                     paste_one_box(images, src, (x1, y1, x2, y2), self.interpolation)
                 lam_value = np.float32(1.0 - area / float(height * width))  # box_lam's arithmetic
-                targets, boxes, lam = self._scalar_lam_batch(targets, hist_targets, lam_value, (x1, y1, x2, y2))
+                targets, boxes, lam = self._scalar_lam_batch(targets, hist_targets, lam_value, (x1, y1, x2, y2), table)
         else:
             boxes_np = sample_boxes(self.rng, self._draw_ratio(n), height, width)
             paste_per_sample(images, src, boxes_np, self.interpolation)

@@ -148,6 +148,44 @@ def test_scalar_lam_batch_is_the_tensor_formula_on_both_routes(monkeypatch, box)
                 assert torch.equal(boxes, torch.tensor([box], dtype=torch.float32).expand(t.shape[0], 4))
 
 
+@pytest.mark.parametrize("k, smoothing, dtype", [(10, 0.0, torch.int64), (1000, 0.1, torch.int32), (3000, 0.2, torch.int64)])
+def test_recursive_mix_reads_labels_in_its_compiled_pass_with_the_soft_targets_bits(k, smoothing, dtype):
+    """RecursiveMix on the CPU hands (N,) labels to the compiled pass that mixes the targets (the table's rows read
+    there, up to 2,048 classes; soft targets first above): the same targets, boxes, lams and history as a mix
+    fed the soft targets, through batch sizes that change and zero-area draws; a label out of range is one
+    ValueError line, from the first call and from a mixing one."""
+    import rmix.base as base
+
+    from_labels, from_soft = (RecursiveMix(alpha=0.3, num_classes=k, smoothing=smoothing, seed=2) for _ in range(2))
+    tables = []
+    label_table = from_labels._label_table
+    from_labels._label_table = lambda t, d: tables.append(label_table(t, d)) or tables[-1]
+    calls = []
+    kernel = base._scalar_lam_rows
+    base._scalar_lam_rows = lambda source, rows, *a: calls.append((source.shape == (k, k), rows.dtype)) or kernel(source, rows, *a)
+    try:
+        for step, n in enumerate([6, 6, 4, 9, 6, 6, 6, 6]):
+            x, y = batch(n=n, k=k, seed=step, dtype=torch.uint8)
+            y = y.to(dtype)
+            got, want = from_labels(x.clone(), y), from_soft(x.clone(), smooth_one_hot(y, k, smoothing))
+            assert torch.equal(got.images, want.images) and torch.equal(got.targets, want.targets)
+            assert torch.equal(got.lam, want.lam) and (got.boxes is None) == (want.boxes is None)
+            assert got.boxes is None or torch.equal(got.boxes, want.boxes)
+            assert got.targets.dtype == torch.float32 and got.targets.shape == (n, k)
+            for m in (from_labels, from_soft):
+                m.record_logits(torch.full((n, k), float(step)))
+        from_table = {rows for table_rows, rows in calls if table_rows}  # the compiled pass read the labels themselves
+        with pytest.raises(ValueError, match=rf"labels must be in 0..{k - 1}, got 0..{k}"):
+            from_labels(*batch(n=6, k=1, seed=9, dtype=torch.uint8)[:1], torch.tensor([0, 1, 2, 3, 4, k]))
+        from_labels.reset()
+        with pytest.raises(ValueError, match=rf"labels must be in 0..{k - 1}, got -1..1"):
+            from_labels(*batch(n=3, k=1, seed=9, dtype=torch.uint8)[:1], torch.tensor([0, -1, 1]))
+    finally:
+        base._scalar_lam_rows = kernel
+    assert any(t is not None for t in tables) == (k <= 2048)  # the label route ran where it can
+    assert from_table == ({np.dtype(str(dtype).split(".")[1])} if k <= 2048 else set())
+
+
 def test_smooth_one_hot_rows_from_the_table_and_from_scatter(monkeypatch):
     """Soft targets are one row lookup in a cached table up to 2,048 classes, a fill and scatter above: the same
     float32 values either way (1 - smoothing on the label, smoothing / (K - 1) elsewhere); bad labels fail."""
