@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .batch import MixedBatch, as_soft_targets, check_images, label_range_error, one_hot_table
-from .boxes import PastePlan
+from .boxes import PastePlan, _cycled_rows
 
 try:
     import numba
@@ -39,14 +39,6 @@ else:  # pragma: no cover
     _scalar_lam_rows = None  # the tensor route (the tests set this to exercise it)
 
 _NO_BOX = np.zeros(0, np.float32)
-_ROWS: dict = {}  # n -> arange(n) as int64: soft targets are read row i for row i
-
-
-def _identity_rows(n: int) -> np.ndarray:
-    rows = _ROWS.get(n)
-    if rows is None:
-        rows = _ROWS.setdefault(n, np.arange(n, dtype=np.int64))
-    return rows
 
 
 class Mix:
@@ -161,7 +153,7 @@ class Mix:
                 device.type == "cpu" and _scalar_lam_rows is not None and not (targets.requires_grad or other.requires_grad)
                 and targets.dtype == other.dtype == torch.float32 and other.shape == targets.shape):
             if table is None:
-                source, rows = targets.numpy(), _identity_rows(n)
+                source, rows = targets.numpy(), _cycled_rows(n, n)  # soft targets: row i for row i (cached)
             else:
                 source, rows = table, targets.numpy()
             corners = _NO_BOX if box is None else np.array(box, np.float32)
