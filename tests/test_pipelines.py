@@ -16,7 +16,9 @@ from shards.errors import ShardError
 from shards.manifest import load_manifest
 
 BACKENDS = ["dali", "memory", "torch", "ffcv"]
-EXACT_RESUME = ["dali", "memory", "torch"]  # FFCV's augmentation draws are not seedable
+EXACT_RESUME = ["dali", "memory", "torch", "ffcv"]
+# FFCV's JIT draws are seeded per batch only when FFCV runs single-threaded (pipelines/ffcv_loader.py)
+SERIAL = {"ffcv": dict(num_workers=1)}
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +106,13 @@ def test_ddp_two_ranks_disjoint_complete_eval_and_equal_train_batches(cifar_shar
 @pytest.mark.parametrize("backend", EXACT_RESUME)
 def test_same_seed_same_batches_and_epochs_differ(cifar_shards, backend):
     root, _ = cifar_shards
-    a, b = loader(root, backend=backend, seed=3), loader(root, backend=backend, seed=3)
+    kw = SERIAL.get(backend, {})
+    a, b = loader(root, backend=backend, seed=3, **kw), loader(root, backend=backend, seed=3, **kw)
     ea = [x.images.clone() for x in a]
     eb = [x.images.clone() for x in b]
-    assert all(torch.equal(x, y) for x, y in zip(ea, eb))
+    assert len(ea) == len(eb) > 0 and all(torch.equal(x, y) for x, y in zip(ea, eb))
     ea2 = [x.labels.clone() for x in a]  # second pass = next epoch
-    la = [x.labels for x in loader(root, backend=backend, seed=3)]
+    la = [x.labels for x in loader(root, backend=backend, seed=3, **kw)]
     assert any(not torch.equal(x, y) for x, y in zip(ea2, la))
 
 
@@ -118,7 +121,8 @@ def test_mid_epoch_resume_is_exact_including_the_mix(cifar_shards, backend):
     root, _ = cifar_shards
 
     def make():
-        return loader(root, backend=backend, seed=5, mix=RecursiveMix(alpha=1.0, box="sample", seed=9))
+        return loader(root, backend=backend, seed=5, mix=RecursiveMix(alpha=1.0, box="sample", seed=9),
+                      **SERIAL.get(backend, {}))
 
     def step(L, b):
         L.record_logits(b.images.mean((2, 3)).repeat(1, 4)[:, :10])  # logits depend on the batch
@@ -371,7 +375,7 @@ def test_every_seed_comes_from_derive_seed(cifar_shards, backend, monkeypatch):
     first = next(iter(L))
     streams = {c[3] for c in calls}
     expected = {"dali": {"reader"}, "memory": {"reader", "augment"}, "torch": {"reader", "shuffle", "workers"},
-                "ffcv": {"reader"}}[backend]
+                "ffcv": {"reader", "augment"}}[backend]
     assert streams == expected and all(c[0] == 11 for c in calls)
     # the order streams are rank-independent where every rank must agree (memory, torch, ffcv)
     assert all(c[1] == 0 for c in calls if c[3] == "reader")
@@ -1003,3 +1007,24 @@ def test_a_forked_child_never_shuts_down_the_parents_dali_pipelines(cifar_shards
     assert not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV), "the child crashed in DALI"
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     gc.collect()  # and the parent still shuts its own pipeline down cleanly
+
+
+def test_ffcv_random_resized_crop_is_seeded_and_resumes_exactly(imagenet_shards):
+    """The decoder's own draws (RandomResizedCrop), then the flip: two runs of the same seed give the same
+    pixels, and a run resumed after batch 1 gives the rest of them (FFCV single-threaded)."""
+    def make(seed=2):
+        return loader(imagenet_shards, backend="ffcv", batch_size=6, seed=seed, num_workers=1)
+
+    first = [b.images.clone() for b in make()]
+    assert len(first) == 3 and all(torch.equal(x, y) for x, y in zip(first, [b.images for b in make()]))
+    run = make()
+    it = iter(run)
+    next(it)
+    state = run.state_dict()
+    del it, run
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b.images.clone() for b in resumed]
+    assert len(rest) == 2 and all(torch.equal(x, y) for x, y in zip(first[1:], rest))
+    other = [b.images for b in make(seed=3)]
+    assert not all(torch.equal(x, y) for x, y in zip(first, other))
