@@ -441,9 +441,13 @@ def _tool() -> str:
 def _run(params: ShardParams, src, root: Path, journal: Journal, workers: int, progress: bool,
          part: Optional[tuple[int, int]] = None) -> dict:
     splits_out, classes = {}, None
+    # every split is listed and checked (class folders against train's, none empty) before anything is
+    # written: a bad val folder must not wait for the whole train split to be encoded first
+    sources = {split: open_source(params.dataset, src, split, root, params.max_side, params.quality)
+               for split in params.splits}
     for split in params.splits:
         # every source of a dataset carries the same class list (CIFAR's meta file, ImageNet's train/)
-        source = open_source(params.dataset, src, split, root, params.max_side, params.quality)
+        source = sources.pop(split)
         classes = source.classes
         n = len(source)
         order = plan_order(params, split, n)
