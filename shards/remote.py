@@ -321,7 +321,7 @@ def _give_up(url: str, attempt: int, cause: str, permanent: bool, options: Remot
              skippable: bool = True) -> Optional[str]:
     """After failed attempt number ``attempt``: sleep and return None to retry, or the one-line
     message when there is no retry left. The advice names only the flags that could change the
-    outcome: ``--shard_retries`` for a failure a retry may not repeat, ``--skip_failed_shards`` where a
+    outcome: ``--shard_retries`` where another attempt could succeed, ``--skip_failed_shards`` where a
     shard (not the manifest) failed."""
     if permanent or attempt > options.retries:
         if permanent:
@@ -341,8 +341,8 @@ class _Unreadable(ShardError):
 
 
 def _failed(dl: Optional["_Attempt"], exn: Exception, url: str) -> tuple[str, bool]:
-    """(cause, permanent) of a failed attempt; a URL no attempt can read is one :class:`ShardError`
-    now."""
+    """(cause, permanent) of a failed attempt, the attempt ended; a URL that no attempt can read
+    raises :class:`_Unreadable` instead."""
     if dl is None:
         if isinstance(exn, _Permanent):
             raise _Unreadable(f"{url}: {exn.args[0] if exn.args else type(exn).__name__}") from None

@@ -244,9 +244,9 @@ def _list_images(folder: str) -> tuple[list[str], Optional[str]]:
     ``sub/y.JPEG``) in torchvision's ``ImageFolder`` order: folders in sorted path order (the class
     folder first), names sorted within each; or ``([], reason)`` when a folder cannot be read.
 
-    One ``scandir`` pass per folder and no ``stat`` per file: ``DirEntry.is_file()`` answers from the
-    entry's type (``d_type``) for regular files; only symlinks, and entries of file systems that leave
-    the type unknown, cost a ``stat``. Names are filtered by extension before anything else is asked.
+    One ``scandir`` pass per folder and no ``stat`` per file: ``DirEntry.is_file()`` / ``is_dir()``
+    answer from the entry's type (``d_type``); only symlinks, and entries of file systems that leave the
+    type unknown, cost a ``stat``, and one ``stat`` per folder finds symlink loops.
     Symlinked folders are followed (as torchvision's ``os.walk(followlinks=True)``); one that leads
     back to a folder above it is a loop and the reason."""
     listed = []  # (relative folder, [names]) of every folder under ``folder``
@@ -295,12 +295,12 @@ def _list_images(folder: str) -> tuple[list[str], Optional[str]]:
 class FileIndex:
     """The files of one split, compact: a few bytes per file however many there are.
 
-    File ``i`` is ``<root>/<folders[f]>/<name i>`` where ``f`` is the folder whose range
-    ``starts[f] <= i < starts[f + 1]`` holds it (a name holds ``/`` for a file in a nested folder). Names are packed, file-system encoded, in one
-    ``bytes`` buffer with their end offsets in a numpy array, so the index costs the names' bytes
-    plus 4 (8 past 4 GiB of names) per file, instead of a Python ``str`` of the full path (~100 bytes
-    more) per file. Numpy buffers also hold no per-object reference counts, so the encode workers
-    forked from the main process share these pages instead of copying them as they read.
+    File ``i`` is ``<root>/<folders[f]>/<name i>`` where ``f`` is the folder whose range ``starts[f] <=
+    i < starts[f + 1]`` holds it (a name holds ``/`` for a file in a nested folder). Names are packed,
+    file-system encoded, in one ``bytes`` buffer with their end offsets in a numpy array, so the index
+    costs the names' bytes plus 4 (8 past 4 GiB of names) per file, instead of a Python ``str`` of the
+    full path (~100 bytes more) per file. Numpy buffers also hold no per-object reference counts, so the
+    encode workers forked from the main process share these pages instead of copying them as they read.
     """
 
     def __init__(self, root: str, folders: list[str], threads: int = 2):
