@@ -5,8 +5,17 @@ the mix run after it on the device, shared with every backend. Training in DDP u
 gives each rank the strided slice ``rank::world_size`` of the beton (FFCV's distributed sequential
 order pads with repeated samples, which would count them twice). The epoch order is FFCV's, drawn
 from ``derive_seed(seed, 0, 0, "reader") + epoch`` (the same on every rank). Resume replays the epoch
-order and skips what was seen; FFCV's own augmentation draws are not seedable, so the images of a
-resumed epoch match in order and label but not pixel for pixel.
+order and skips what was seen.
+
+Seeds of the augmentation. FFCV's crop, flip and translate draw inside its JIT code from numba's
+generator, one per thread, which numpy's seeding does not reach. Our image decoder seeds the calling
+thread's generator before each batch from ``derive_seed(seed, rank, 0, "augment")`` and the batch's
+sample indices (:class:`_SeedsItsBatch`). With ``num_workers=1`` FFCV decodes and augments on that
+one thread, so a run is reproducible and a resumed epoch continues pixel for pixel. With more
+workers FFCV runs those loops as numba ``prange`` loops on a pool of threads, each drawing from its
+own unseeded generator in whatever order the pool takes the images: order and labels are still
+exact, the crops, flips and translations are not (FFCV gives no public hook to seed a pool thread
+per sample). The colour jitter below is seeded either way.
 
 FFCV refills its output buffers a few batches later, and every loader yields fresh tensors (a
 RecursiveMix history keeps the previous batch). On a CPU the one pass that makes the batch fresh is
@@ -56,8 +65,55 @@ def _import_ffcv():
         raise ImportError(f"backend 'ffcv' needs the ffcv package ({e}); install with `make setup`") from None
 
 
-def ffcv_pipelines(preset: Preset, device: torch.device):
-    """FFCV pipelines giving uint8 images (a channels-last view of FFCV's reused buffer) and labels.
+class _SeedsItsBatch:
+    """Mixin for an FFCV image decoder: before decoding a batch, seed numba's generator of the calling
+    thread from ``batch_seed`` and the batch's sample indices, so every JIT draw of that batch -- the
+    decoder's crop, then ``RandomHorizontalFlip`` and ``RandomTranslate`` after it -- is a function of
+    the seed and of which samples the batch holds, the same in every run and on a resumed epoch (whose
+    order FFCV replays from its own seed).
+
+    numba keeps one generator per thread, seeded from the OS at its first use, and numpy's
+    ``np.random.seed`` outside JIT code does not reach it; the only way in is a seed call inside JIT
+    code on the thread that draws. That thread is FFCV's epoch thread when FFCV runs single-threaded
+    (``num_workers=1``). With more workers FFCV's loops are numba ``prange`` loops whose iterations run
+    on a pool of threads, each drawing from its own generator in whatever order the pool hands out
+    the images: those draws stay unseeded (module header)."""
+
+    batch_seed = 0
+
+    def generate_code(self):
+        from ffcv.pipeline.compiler import Compiler
+
+        decode = Compiler.compile(super().generate_code())
+        base = self.batch_seed % _PRIME
+
+        def seeded_decode(batch_indices, my_storage, metadata, storage_state):
+            h = base
+            for i in range(len(batch_indices)):
+                h = (h * 1000003 + np.int64(batch_indices[i]) + 1) % _PRIME
+            np.random.seed(h)
+            return decode(batch_indices, my_storage, metadata, storage_state)
+
+        return seeded_decode
+
+
+_PRIME = 4294967291  # the largest prime below 2**32: a batch's seed is a uint32
+_SEEDED: dict = {}
+
+
+def _seeded(decoder_class, seed: int, *args, **kwargs):
+    """An instance of ``decoder_class`` that seeds the draws of each batch (:class:`_SeedsItsBatch`)."""
+    cls = _SEEDED.get(decoder_class)
+    if cls is None:
+        cls = _SEEDED[decoder_class] = type(decoder_class.__name__, (_SeedsItsBatch, decoder_class), {})
+    decoder = cls(*args, **kwargs)
+    decoder.batch_seed = seed
+    return decoder
+
+
+def ffcv_pipelines(preset: Preset, device: torch.device, seed: int = 0):
+    """FFCV pipelines giving uint8 images (a channels-last view of FFCV's reused buffer) and labels;
+    the JIT draws of each batch are seeded from ``seed`` and the batch's indices (:class:`_SeedsItsBatch`).
 
     On the CPU there is no ``ToDevice`` (it would copy into another reused buffer for nothing); on a
     GPU the uint8 batch is copied to the device and normalised there."""
@@ -68,10 +124,10 @@ def ffcv_pipelines(preset: Preset, device: torch.device):
 
     size = (preset.size, preset.size)
     if preset.kind == "imagenet":
-        decode = [RandomResizedCropRGBImageDecoder(size)] if preset.train else [
-            CenterCropRGBImageDecoder(size, ratio=preset.size / preset.resize)]
+        decode = [_seeded(RandomResizedCropRGBImageDecoder, seed, size)] if preset.train else [
+            _seeded(CenterCropRGBImageDecoder, seed, size, ratio=preset.size / preset.resize)]
     else:
-        decode = [SimpleRGBImageDecoder()]
+        decode = [_seeded(SimpleRGBImageDecoder, seed)]
     aug = []
     if preset.train:
         aug = [RandomHorizontalFlip()] + ([RandomTranslate(padding=preset.pad)] if preset.pad else [])
@@ -174,7 +230,8 @@ class FfcvLoader(Loader):
         return _FFCVLoader(
             self._path, batch_size=self.batch_size, num_workers=self.num_workers,
             seed=derive_seed(self.seed, 0, 0, "reader"), drop_last=self.train,
-            pipelines=ffcv_pipelines(self.preset, self.device), os_cache=os_cache_fits(self._path),
+            pipelines=ffcv_pipelines(self.preset, self.device, derive_seed(self.seed, self.rank, 0, "augment")),
+            os_cache=os_cache_fits(self._path),
             **placement)
 
     def __len__(self) -> int:

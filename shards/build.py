@@ -49,7 +49,7 @@ from .errors import ShardError
 from .ffcv_writer import write_beton
 from .manifest import FORMAT_VERSION, manifest_path, sha256_file, write_json_atomic
 from .progress import Progress
-from .sources import ImageFolderSource, Reject, Source, open_source
+from .sources import SPLITS, ImageFolderSource, Reject, Source, open_source
 from .wds_writer import ShardInfo, WdsShardWriter
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "digits")
@@ -441,9 +441,13 @@ def _tool() -> str:
 def _run(params: ShardParams, src, root: Path, journal: Journal, workers: int, progress: bool,
          part: Optional[tuple[int, int]] = None) -> dict:
     splits_out, classes = {}, None
+    # every split is listed and checked (class folders against train's, none empty) before anything is
+    # written: a bad val folder must not wait for the whole train split to be encoded first
+    sources = {split: open_source(params.dataset, src, split, root, params.max_side, params.quality)
+               for split in params.splits}
     for split in params.splits:
         # every source of a dataset carries the same class list (CIFAR's meta file, ImageNet's train/)
-        source = open_source(params.dataset, src, split, root, params.max_side, params.quality)
+        source = sources.pop(split)
         classes = source.classes
         n = len(source)
         order = plan_order(params, split, n)
@@ -473,9 +477,11 @@ def _run(params: ShardParams, src, root: Path, journal: Journal, workers: int, p
                 os.makedirs(root / "ffcv", exist_ok=True)
                 t = time.time()
                 print(f"[{split}] writing FFCV {rel} ({len(kept)} samples, {params.ffcv_write_mode})")
+                # 'proportion' mode's draws seeded from --seed and the split: the same images compressed
+                # in every run (the bytes are the same with --workers 1: shards.ffcv_writer.write_beton)
                 write_beton(str(root / rel), source, kept, params.ffcv_write_mode,
                             params.ffcv_max_resolution, params.quality, params.ffcv_compress_probability, workers,
-                            progress)
+                            progress, seed=(params.seed, SPLITS.index(split)))
                 state["ffcv"] = {"path": rel, "num_samples": len(kept), "bytes": os.path.getsize(root / rel),
                                  "sha256": sha256_file(root / rel), "write_mode": params.ffcv_write_mode,
                                  "max_resolution": params.ffcv_max_resolution, "seconds": round(time.time() - t, 2)}

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import ShardError
+from .progress import Progress
 from .sources import Source
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -49,11 +50,12 @@ class _Indexed:
 
 class _Plan:
     """What every worker shares (inherited through fork): the samples, the next chunk to take, a stop
-    flag, the workers' pids, and the queue a failing worker reports on."""
+    flag, the workers' pids, the queue a failing worker reports on, and the seed of each chunk's
+    draws (:meth:`get`)."""
 
-    def __init__(self, dataset: _Indexed, workers: int, chunk: int = CHUNK):
+    def __init__(self, dataset: _Indexed, workers: int, chunk: int = CHUNK, seed: Sequence[int] = (0,)):
         ctx = mp.get_context("fork")
-        self.dataset, self.chunk = dataset, chunk
+        self.dataset, self.chunk, self.seed = dataset, chunk, [int(x) for x in seed]
         self.next_chunk = ctx.Value("q", 0)
         self.stop = ctx.Value("b", 0, lock=False)  # one byte, set once: no lock a killed worker could hold
         self.pids = ctx.Array("q", workers)
@@ -61,7 +63,12 @@ class _Plan:
         self.errors = ctx.SimpleQueue()
 
     def get(self):
-        """FFCV's ``input_queue.get()``: the next ``[(dest index, dataset index), ...]`` or None."""
+        """FFCV's ``input_queue.get()``: the next ``[(dest index, dataset index), ...]`` or None.
+
+        Called in the worker just before it encodes the chunk, so this is where numpy's global
+        generator is seeded for it: FFCV's ``RGBImageField`` in 'proportion' mode picks the images it
+        compresses with ``np.random.rand()``. Seeded per chunk from ``seed`` and the chunk's number,
+        each sample's draw is the same whichever worker takes its chunk and however many there are."""
         if self.stop.value:
             return None
         with self.next_chunk.get_lock():
@@ -70,6 +77,7 @@ class _Plan:
         start, n = c * self.chunk, len(self.dataset)
         if start >= n:
             return None
+        np.random.seed(np.random.SeedSequence(self.seed + [c]).generate_state(1)[0])
         return [(i, i) for i in range(start, min(start + self.chunk, n))]
 
     def register(self) -> None:
@@ -152,15 +160,15 @@ def _release_shared_memory(writer) -> None:
 
 
 @contextmanager
-def _quiet_ffcv_bar(progress: bool):
-    """FFCV's writer always draws a tqdm bar; honour ``--no-progress``."""
+def ffcv_progress(desc: str, enabled: bool = True):
+    """FFCV's ``DatasetWriter`` always draws a tqdm bar, which off a terminal (a log file, CI) is one
+    endless line of carriage-return frames. Inside this block it draws :class:`shards.progress.Progress`
+    instead: a bar on a terminal, a plain line every 30 s elsewhere, nothing with ``enabled=False``
+    (``--no-progress``)."""
     import ffcv.writer
 
-    if progress:
-        yield
-        return
     bar = ffcv.writer.tqdm
-    ffcv.writer.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
+    ffcv.writer.tqdm = lambda *a, **k: Progress(k.get("total", a[0] if a else 0), desc=desc, enabled=enabled)
     try:
         yield
     finally:
@@ -169,8 +177,15 @@ def _quiet_ffcv_bar(progress: bool):
 
 def write_beton(path: str, source: Source, indices: Sequence[int], write_mode: str = "raw",
                 max_resolution: Optional[int] = None, jpeg_quality: int = 90,
-                compress_probability: float = 0.5, workers: int = 1, progress: bool = True) -> None:
-    """Write ``source[indices]`` to ``path`` (via ``path.tmp``); :class:`ShardError` on any failure."""
+                compress_probability: float = 0.5, workers: int = 1, progress: bool = True,
+                seed: Sequence[int] = (0,)) -> None:
+    """Write ``source[indices]`` to ``path`` (via ``path.tmp``); :class:`ShardError` on any failure.
+
+    ``seed`` (a few integers) fixes 'proportion' mode's choice of the images it compresses (see
+    :meth:`_Plan.get`), so every sample is stored the same way in every run. The file's bytes are the
+    same in every run with ``workers=1``; with more, FFCV's writer processes claim the file's pages in
+    the order they fill them, a race, so the layout (and the beton's sha256) can differ between runs
+    while each sample's stored bytes do not."""
     try:
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
@@ -190,10 +205,10 @@ def write_beton(path: str, source: Source, indices: Sequence[int], write_mode: s
         },
         num_workers=max(1, workers),
     )
-    plan = _Plan(_Indexed(source, indices), max(1, workers))
+    plan = _Plan(_Indexed(source, indices), max(1, workers), CHUNK, seed)
     ok = False
     try:
-        with _quiet_ffcv_bar(progress), _stop_on_worker_report(plan):
+        with ffcv_progress(f"{os.path.basename(path).rsplit('.', 1)[0]} ffcv", progress), _stop_on_worker_report(plan):
             # FFCV's own prepare / start workers / wait / finalize, with our job and no work queue items
             writer._write_common(len(indices), [], _guarded_job, (plan,))
         ok = True

@@ -24,9 +24,14 @@ How each backend reads them:
   rank gets to it first) and a later run finds the files there.
 
 Integrity. A streamed shard is hashed as it passes: at its end the byte count, sha256 and sample count
-must be the manifest's. A short stream (a transfer cut off at a member boundary leaves a valid but
-shorter tar) is a failed attempt and retried; a complete stream with other bytes is not retried (the
-server holds another file) and fails the run. A cached file must match before it is renamed into place.
+must be the manifest's. A short stream is a failed attempt and retried: a transfer cut off at a member
+boundary leaves a valid but shorter tar, and a sample is handed on only once it is known whole (the next
+sample has begun, or the stream has passed its checks), so a cut between two members of one sample
+never gives a sample with members missing. A complete stream with other bytes is not retried (the
+server holds another file) and fails the run. Its samples before the last have reached the consumer by
+then: a stream is checked at its end, so reading integrity-first means the node-local cache of the
+dali, memory and ffcv backends (every file checked before a loader sees it) or ``rmix verify`` where
+the files are written. A cached file must match before it is renamed into place.
 
 Retries (:class:`RemoteOptions`, trainer flags ``--shard_retries`` etc.). An attempt that fails -- no
 connection, an HTTP 5xx/408/429, a transfer cut off mid-shard, no data for ``timeout`` seconds, a
@@ -36,7 +41,9 @@ samples the failed attempt already delivered, so the epoch's samples are exactly
 read. HTTP 4xx (other than 408/429) is not retried. Then the shard fails the run with one
 :class:`ShardError` line naming its URL and the last cause -- unless ``skip_failed_shards`` is set,
 which logs each skipped shard (``logging`` WARNING, ``shards.remote``) and goes on: the samples it
-delivered before failing stay in the epoch, the rest of it is missing.
+delivered before failing stay in the epoch (the line says how many; for a shard whose hash differs,
+how many were used before the hash was known), the rest of it is missing. A URL that no attempt can
+read (a scheme without a reader, no ``curl``) is a setup error: one line, never retried nor skipped.
 """
 
 from __future__ import annotations
@@ -103,6 +110,14 @@ class RemoteOptions:
         return min(self.retry_wait * 2 ** (attempt - 1), MAX_WAIT)
 
 
+def format_bytes(n: int) -> str:
+    """A byte count in the largest decimal unit that keeps it >= 1: ``1.4 MB``, ``512.0 KB``, ``90 B``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 # -- locations ----------------------------------------------------------------------------------
 
 def is_url(location: Union[str, Path]) -> bool:
@@ -162,6 +177,12 @@ def _manifest_location(location: str) -> tuple[str, str]:
     u = urlparse(location)
     if u.path.endswith(".json"):  # the manifest itself (a query string, if any, is its alone)
         return f"{u.scheme}://{u.netloc}{u.path.rsplit('/', 1)[0]}", location
+    name = u.path.rsplit("/", 1)[-1]
+    if "." in name.strip("."):  # a file (a shard, a beton, an archive): never a folder to append to
+        folder = f"{u.scheme}://{u.netloc}{u.path.rsplit('/', 1)[0]}"
+        raise ShardError(f"{location} names a file, not a dataset: give the folder that holds {MANIFEST} "
+                         f"({folder}/) or the manifest itself ({folder}/{MANIFEST}); a folder whose name has a "
+                         f"dot is given with a trailing /")
     return location.rstrip("/"), location.rstrip("/") + "/" + MANIFEST
 
 
@@ -179,6 +200,10 @@ def load_manifest_url(location: str, options: Optional[RemoteOptions] = None) ->
 
 class _Permanent(Exception):
     """A failure that a retry would repeat (the file's content, a 404, a full disk)."""
+
+
+class _Mismatch(_Permanent):
+    """A complete stream whose size, sha256 or sample count is not the manifest's: known only at its end."""
 
 
 class _Stalled(OSError):
@@ -244,9 +269,9 @@ class _Attempt:
         if nbytes and self.nbytes < nbytes:
             raise OSError(f"the transfer ended after {self.nbytes} of {nbytes} bytes")
         if nbytes and self.nbytes != nbytes:
-            raise _Permanent(f"{self.nbytes} bytes, the manifest says {nbytes}")
+            raise _Mismatch(f"{self.nbytes} bytes, the manifest says {nbytes}")
         if sha256 and self.sha.hexdigest() != sha256:
-            raise _Permanent("its sha256 differs from the manifest's (another file at this URL?)")
+            raise _Mismatch("its sha256 differs from the manifest's (another file at this URL?)")
 
     def close(self) -> None:
         """End the attempt: stop the command if it still runs (a consumer that stopped early, a failed
@@ -288,14 +313,43 @@ class _Attempt:
         return f"{type(exn).__name__}: {detail}" if detail else type(exn).__name__, False
 
 
-def _give_up(url: str, attempt: int, cause: str, permanent: bool, options: RemoteOptions) -> Optional[str]:
+def _tries(attempt: int) -> str:
+    return f"{attempt} attempt{'s' if attempt > 1 else ''}"
+
+
+def _give_up(url: str, attempt: int, cause: str, permanent: bool, options: RemoteOptions,
+             skippable: bool = True) -> Optional[str]:
     """After failed attempt number ``attempt``: sleep and return None to retry, or the one-line
-    message when there is no retry left."""
+    message when there is no retry left. The advice names only the flags that could change the
+    outcome: ``--shard_retries`` where another attempt could succeed, ``--skip_failed_shards`` where a
+    shard (not the manifest) failed."""
     if permanent or attempt > options.retries:
-        tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-        return f"{url}: {cause} ({tries}; see --shard_retries, --skip_failed_shards)"
+        if permanent:
+            note = f"{_tries(attempt)}, not retried: another attempt would get the same answer"
+            flags = ["--skip_failed_shards"] if skippable else []
+        else:
+            note = _tries(attempt)
+            flags = ["--shard_retries"] + (["--skip_failed_shards"] if skippable else [])
+        return f"{url}: {cause} ({note}" + (f"; see {', '.join(flags)})" if flags else ")")
     time.sleep(options.wait(attempt))
     return None
+
+
+class _Unreadable(ShardError):
+    """A URL that no attempt can read (no handler for its scheme, no curl): a setup error, never
+    retried nor skipped."""
+
+
+def _failed(dl: Optional["_Attempt"], exn: Exception, url: str) -> tuple[str, bool]:
+    """(cause, permanent) of a failed attempt, the attempt ended; a URL that no attempt can read
+    raises :class:`_Unreadable` instead."""
+    if dl is None:
+        if isinstance(exn, _Permanent):
+            raise _Unreadable(f"{url}: {exn.args[0] if exn.args else type(exn).__name__}") from None
+        return str(exn), True
+    cause = dl.failure(exn)
+    dl.close()  # before the backoff sleep
+    return cause
 
 
 def fetch_bytes(url: str, options: Optional[RemoteOptions] = None) -> bytes:
@@ -313,10 +367,8 @@ def fetch_bytes(url: str, options: Optional[RemoteOptions] = None) -> bytes:
             dl.finish()
             return b"".join(chunks)
         except Exception as e:  # noqa: BLE001 -- every failure is retried or named in one line
-            cause, permanent = dl.failure(e) if dl is not None else (str(e), True)
-            if dl is not None:
-                dl.close()  # before the backoff sleep
-            message = _give_up(url, attempt, cause, permanent, options)
+            cause, permanent = _failed(dl, e, url)
+            message = _give_up(url, attempt, cause, permanent, options, skippable=False)
             if message:
                 raise ShardError(message) from None
         finally:
@@ -330,7 +382,12 @@ def shard_samples(url: str, num_samples: int = 0, nbytes: int = 0, sha256: str =
                   options: Optional[RemoteOptions] = None) -> Iterator[dict]:
     """The raw webdataset samples (``{"__key__", "__url__", ext: bytes}``) of the shard at ``url``, as
     ``wds.tarfile_samples`` gives them, checked against the manifest's sample count, size and sha256
-    and retried (module header)."""
+    and retried (module header).
+
+    A sample leaves only once it is known complete: when the next sample's first member has arrived,
+    or, for the last one, when the stream has ended with the manifest's size and sha256. A stream cut
+    between two members of one sample ends like a valid shorter tar, and ``group_by_keys`` would give
+    that sample with members missing; held back, it is read again by the retry instead."""
     from webdataset.handlers import reraise_exception
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -342,23 +399,32 @@ def shard_samples(url: str, num_samples: int = 0, nbytes: int = 0, sha256: str =
         try:
             dl = _Attempt(url, options.timeout)
             files = tar_file_expander([{"url": url, "stream": dl}], handler=reraise_exception)
-            seen = 0
+            seen, last = 0, None  # samples read in this attempt; the last one, not yet known complete
             for sample in group_by_keys(files, handler=reraise_exception):
-                seen += 1
-                if seen > done:
+                if last is not None:  # this sample began, so the one before it is whole
                     done = seen
-                    yield sample
+                    yield last
+                seen += 1
+                last = sample if seen > done else None
             dl.finish(nbytes, sha256)
             if num_samples and seen != num_samples:
-                raise _Permanent(f"{seen} samples, the manifest says {num_samples}")
+                raise _Mismatch(f"{seen} samples, the manifest says {num_samples}")
+            if last is not None:
+                done = seen
+                yield last
             return
         except Exception as e:  # noqa: BLE001 -- every failure is retried or named in one line
-            cause, permanent = dl.failure(e) if dl is not None else (str(e), True)
-            if dl is not None:
-                dl.close()  # before the backoff sleep
+            cause, permanent = _failed(dl, e, url)
             message = _give_up(url, attempt, cause, permanent, options)
             if message and options.skip_failed_shards:
-                log.warning("skipping %s after %d samples of it (skip_failed_shards)", message, done)
+                if isinstance(e, _Mismatch):
+                    fate = (f"{done} samples of it were used before the hash was known (a streamed shard is "
+                            f"checked at its end; to check first, `rmix verify` the files or read them through "
+                            f"--shard_cache with --loader dali, memory or ffcv)")
+                else:
+                    rest = f", the other {num_samples - done} are missing" if num_samples else ""
+                    fate = f"the {done} samples read before it failed stay in this epoch{rest}"
+                log.warning("skipping %s: %s (%s; --skip_failed_shards); %s", url, cause, _tries(attempt), fate)
                 return
             if message:
                 raise ShardError(message) from None
@@ -461,12 +527,13 @@ class ShardCache:
         random.Random(os.getpid()).shuffle(missing)
         failed = []
         with ThreadPoolExecutor(self.options.parallel) as pool:
-            futures = [(j, pool.submit(self._download, j[0], root / j[1], j[2], j[3])) for j in missing]
+            futures = [(j, pool.submit(self._download, j[0], root / j[1], j[2], j[3], j[4] is not None))
+                       for j in missing]
             for job, fut in futures:
                 try:
                     fut.result()
                 except ShardError as e:
-                    if not self.options.skip_failed_shards or job[4] is None:
+                    if not self.options.skip_failed_shards or job[4] is None or isinstance(e, _Unreadable):
                         pool.shutdown(wait=True, cancel_futures=True)
                         raise
                     failed.append((job[4], str(e)))
@@ -479,9 +546,10 @@ class ShardCache:
         except OSError:
             return False
 
-    def _download(self, url: str, dest: Path, nbytes: int, sha256: str) -> None:
+    def _download(self, url: str, dest: Path, nbytes: int, sha256: str, skippable: bool = False) -> None:
         """One file into the cache: under a per-file lock (another process may be fetching it), to a
-        ``.part`` name, checked, then renamed; retried as a streamed shard is."""
+        ``.part`` name, checked, then renamed; retried as a streamed shard is. ``skippable``: a shard's
+        file that ``skip_failed_shards`` may drop (its error line then names that flag)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{dest}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -506,10 +574,8 @@ class ShardCache:
                     os.replace(tmp, dest)
                     return
                 except Exception as e:  # noqa: BLE001 -- every failure is retried or named in one line
-                    cause, permanent = dl.failure(e) if dl is not None else (str(e), True)
-                    if dl is not None:
-                        dl.close()  # before the backoff sleep
-                    message = _give_up(url, attempt, cause, permanent, self.options)
+                    cause, permanent = _failed(dl, e, url)
+                    message = _give_up(url, attempt, cause, permanent, self.options, skippable=skippable)
                     if message:
                         raise ShardError(message) from None
                 finally:
@@ -533,6 +599,6 @@ class ShardCache:
             log.info("shard cache: evicting %s", d)
             shutil.rmtree(d, ignore_errors=True)
         if used + need > limit:
-            raise ShardError(f"the shard cache {self.dir} needs {(used + need) / 1e9:.2f} GB for this split "
-                             f"(limit {self.options.cache_max_gb:g} GB, --shard_cache_max_gb): raise the limit or "
-                             f"point --shard_cache at a larger node-local disk")
+            raise ShardError(f"the shard cache {self.dir} needs {format_bytes(used + need)} for this split "
+                             f"(limit {format_bytes(limit)}, --shard_cache_max_gb {self.options.cache_max_gb:g}): "
+                             f"raise the limit or point --shard_cache at a larger node-local disk")

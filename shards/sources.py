@@ -3,10 +3,12 @@
 * CIFAR-10 ``cifar-10-batches-py/`` (pickled ``data_batch_1..5``, ``test_batch``, ``batches.meta``) and
   CIFAR-100 ``cifar-100-python/`` (``train``, ``test``, ``meta``): keys ``b'data'`` (N, 3072) uint8
   as R, G, B planes of 32x32 row-major, ``b'labels'`` / ``b'fine_labels'``, ``b'filenames'``.
-* ImageNet in ImageFolder layout ``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``; class index = sorted
-  wnid order of ``train/`` (torchvision's convention) for every split; a val class missing from train is
-  an error. Sample keys are the percent-encoded ``<wnid>/<file name>`` (:func:`image_key`). The files
-  are listed once (no ``stat`` per file) into a packed :class:`FileIndex`, ~22 bytes a file.
+* ImageNet in ImageFolder layout ``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG`` (files in folders nested
+  inside a class folder belong to that class, as in torchvision's ImageFolder); class index = sorted
+  wnid order of ``train/`` (torchvision's convention) for every split; a val class missing from train,
+  or a class folder without images, is an error. Sample keys are the percent-encoded ``<wnid>/<path in
+  the class folder>`` (:func:`image_key`). The files are listed once (no ``stat`` per file) into a
+  packed :class:`FileIndex`, ~22 bytes a file.
 * ``digits``: scikit-learn's bundled 8x8 digits written once as a CIFAR-10-format pickle directory
   and then read by the CIFAR code path.
 
@@ -27,7 +29,7 @@ from typing import Optional, Union
 from urllib.parse import quote
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ShardError
 
@@ -238,38 +240,67 @@ def image_key(rel: str) -> str:
 
 
 def _list_images(folder: str) -> tuple[list[str], Optional[str]]:
-    """The image file names in ``folder``, sorted; or ``([], reason)`` when it cannot be read.
+    """The image files under ``folder``, nested folders included, as paths relative to it (``x.JPEG``,
+    ``sub/y.JPEG``) in torchvision's ``ImageFolder`` order: folders in sorted path order (the class
+    folder first), names sorted within each; or ``([], reason)`` when a folder cannot be read.
 
-    One ``scandir`` pass and no ``stat`` per file: ``DirEntry.is_file()`` answers from the entry's type
-    (``d_type``) for regular files; only symlinks, and entries of file systems that leave the type
-    unknown, cost a ``stat``. Names are filtered by extension before anything else is asked."""
-    names = []
+    One ``scandir`` pass per folder and no ``stat`` per file: ``DirEntry.is_file()`` / ``is_dir()``
+    answer from the entry's type (``d_type``); only symlinks, and entries of file systems that leave the
+    type unknown, cost a ``stat``, and one ``stat`` per folder finds symlink loops.
+    Symlinked folders are followed (as torchvision's ``os.walk(followlinks=True)``); one that leads
+    back to a folder above it is a loop and the reason."""
+    listed = []  # (relative folder, [names]) of every folder under ``folder``
+
+    def walk(path: str, rel: str, above: tuple) -> Optional[str]:
+        names, subdirs = [], []
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                    try:  # a dangling or looping symlink is listed too: encode() rejects it with its reason
+                        if image and (entry.is_file() or (entry.is_symlink() and not entry.is_dir())):
+                            names.append(entry.name)
+                        elif entry.is_dir():
+                            subdirs.append(entry.name)
+                    except OSError:
+                        if image:
+                            names.append(entry.name)
+        except OSError as e:
+            return f"cannot read folder {path}: {e.strerror}"
+        listed.append((rel, sorted(names)))
+        for name in subdirs:
+            sub = os.path.join(path, name)
+            try:
+                st = os.stat(sub)
+            except OSError as e:
+                return f"cannot read folder {sub}: {e.strerror}"
+            if (st.st_dev, st.st_ino) in above:
+                return f"cannot read folder {sub}: it leads back to a folder above it (a symlink loop)"
+            error = walk(sub, f"{rel}/{name}" if rel else name, above + ((st.st_dev, st.st_ino),))
+            if error:
+                return error
+        return None
+
     try:
-        with os.scandir(folder) as it:
-            for entry in it:
-                if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                try:  # a dangling or looping symlink is listed too: encode() rejects it with its reason
-                    keep = entry.is_file() or (entry.is_symlink() and not entry.is_dir())
-                except OSError:
-                    keep = True
-                if keep:
-                    names.append(entry.name)
+        top = os.stat(folder)
     except OSError as e:
         return [], f"cannot read folder {folder}: {e.strerror}"
-    names.sort()
-    return names, None
+    error = walk(folder, "", ((top.st_dev, top.st_ino),))
+    if error:
+        return [], error
+    listed.sort(key=lambda x: x[0])  # torchvision: sorted(os.walk(...)), i.e. by folder path
+    return [f"{rel}/{n}" if rel else n for rel, names in listed for n in names], None
 
 
 class FileIndex:
     """The files of one split, compact: a few bytes per file however many there are.
 
-    File ``i`` is ``<root>/<folders[f]>/<name i>`` where ``f`` is the folder whose range
-    ``starts[f] <= i < starts[f + 1]`` holds it. Names are packed, file-system encoded, in one
-    ``bytes`` buffer with their end offsets in a numpy array, so the index costs the names' bytes
-    plus 4 (8 past 4 GiB of names) per file, instead of a Python ``str`` of the full path (~100 bytes
-    more) per file. Numpy buffers also hold no per-object reference counts, so the encode workers
-    forked from the main process share these pages instead of copying them as they read.
+    File ``i`` is ``<root>/<folders[f]>/<name i>`` where ``f`` is the folder whose range ``starts[f] <=
+    i < starts[f + 1]`` holds it (a name holds ``/`` for a file in a nested folder). Names are packed,
+    file-system encoded, in one ``bytes`` buffer with their end offsets in a numpy array, so the index
+    costs the names' bytes plus 4 (8 past 4 GiB of names) per file, instead of a Python ``str`` of the
+    full path (~100 bytes more) per file. Numpy buffers also hold no per-object reference counts, so the
+    encode workers forked from the main process share these pages instead of copying them as they read.
     """
 
     def __init__(self, root: str, folders: list[str], threads: int = 2):
@@ -324,13 +355,16 @@ class FileIndex:
 
 
 class ImageFolderSource(Source):
-    """``<src>/<split>/<wnid>/<file>``: JPEG bytes copied when already an RGB baseline JPEG (and no
-    resize is asked for), else decoded, converted to RGB and re-encoded. Corrupt or truncated files
-    (and file symlinks that loop or dangle) become :class:`Reject`s.
+    """``<src>/<split>/<wnid>/<file>`` (and ``<wnid>/<folders>/<file>``, as torchvision's ImageFolder):
+    JPEG bytes copied when already an RGB baseline JPEG (and no resize is asked for), else decoded,
+    converted to RGB and re-encoded. Corrupt or truncated files (and file symlinks that loop or dangle)
+    become :class:`Reject`s.
 
     ``classes`` is the class index (:func:`imagefolder_classes`, from train); a class folder of this
-    split that is not in it is an error, since its images would have no label. Files are numbered in
-    sorted folder order, then sorted name order within a folder, and held in a :class:`FileIndex`.
+    split that is not in it is an error, since its images would have no label, and so is a class
+    folder without images (torchvision's ImageFolder raises for one too). Files are numbered in sorted
+    class order, then torchvision's order within a class (:func:`_list_images`), and held in a
+    :class:`FileIndex`.
     """
 
     ext = "jpg"
@@ -348,9 +382,13 @@ class ImageFolderSource(Source):
                              f"not in {Path(src) / 'train'} (the class index comes from train)")
         self.classes = list(classes)
         self.files = FileIndex(str(root), here)
+        looked = f"looked for {', '.join(IMAGE_EXTENSIONS)}, any case, nested folders included"
         if not len(self.files):
-            raise ShardError(f"{root}: no images in any of its {len(here)} class folders "
-                             f"(looked for {', '.join(IMAGE_EXTENSIONS)}, any case)")
+            raise ShardError(f"{root}: no images in any of its {len(here)} class folders ({looked})")
+        empty = [w for w, n in zip(here, np.diff(self.files.starts)) if not n]
+        if empty:  # torchvision's ImageFolder refuses these too (FileNotFoundError)
+            raise ShardError(f"{root}: no images in class folder(s) {', '.join(empty[:5])}"
+                             f"{' ...' if len(empty) > 5 else ''} ({looked}): add its images, or remove the folder")
         self.folder_labels = np.asarray([index[w] for w in here], dtype=np.int64)
         self.root, self.max_side, self.quality, self.split = root, max_side, quality, split
 
@@ -367,7 +405,10 @@ class ImageFolderSource(Source):
         path = self.files.path(i)
         with open(path, "rb") as f:
             raw = f.read()
-        img = Image.open(io.BytesIO(raw))
+        try:
+            img = Image.open(io.BytesIO(raw))
+        except UnidentifiedImageError:  # PIL names the in-memory file by its address: name the file
+            raise UnidentifiedImageError(f"cannot identify image file {self.files.rel(i)!r}") from None
         img.load()  # full decode: truncated or corrupt data raises here, not in the trainer
         return raw, img
 

@@ -16,7 +16,9 @@ from shards.errors import ShardError
 from shards.manifest import load_manifest
 
 BACKENDS = ["dali", "memory", "torch", "ffcv"]
-EXACT_RESUME = ["dali", "memory", "torch"]  # FFCV's augmentation draws are not seedable
+EXACT_RESUME = ["dali", "memory", "torch", "ffcv"]
+# FFCV's JIT draws are seeded per batch only when FFCV runs single-threaded (pipelines/ffcv_loader.py)
+SERIAL = {"ffcv": dict(num_workers=1)}
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +106,13 @@ def test_ddp_two_ranks_disjoint_complete_eval_and_equal_train_batches(cifar_shar
 @pytest.mark.parametrize("backend", EXACT_RESUME)
 def test_same_seed_same_batches_and_epochs_differ(cifar_shards, backend):
     root, _ = cifar_shards
-    a, b = loader(root, backend=backend, seed=3), loader(root, backend=backend, seed=3)
+    kw = SERIAL.get(backend, {})
+    a, b = loader(root, backend=backend, seed=3, **kw), loader(root, backend=backend, seed=3, **kw)
     ea = [x.images.clone() for x in a]
     eb = [x.images.clone() for x in b]
-    assert all(torch.equal(x, y) for x, y in zip(ea, eb))
+    assert len(ea) == len(eb) > 0 and all(torch.equal(x, y) for x, y in zip(ea, eb))
     ea2 = [x.labels.clone() for x in a]  # second pass = next epoch
-    la = [x.labels for x in loader(root, backend=backend, seed=3)]
+    la = [x.labels for x in loader(root, backend=backend, seed=3, **kw)]
     assert any(not torch.equal(x, y) for x, y in zip(ea2, la))
 
 
@@ -118,7 +121,8 @@ def test_mid_epoch_resume_is_exact_including_the_mix(cifar_shards, backend):
     root, _ = cifar_shards
 
     def make():
-        return loader(root, backend=backend, seed=5, mix=RecursiveMix(alpha=1.0, box="sample", seed=9))
+        return loader(root, backend=backend, seed=5, mix=RecursiveMix(alpha=1.0, box="sample", seed=9),
+                      **SERIAL.get(backend, {}))
 
     def step(L, b):
         L.record_logits(b.images.mean((2, 3)).repeat(1, 4)[:, :10])  # logits depend on the batch
@@ -371,7 +375,7 @@ def test_every_seed_comes_from_derive_seed(cifar_shards, backend, monkeypatch):
     first = next(iter(L))
     streams = {c[3] for c in calls}
     expected = {"dali": {"reader"}, "memory": {"reader", "augment"}, "torch": {"reader", "shuffle", "workers"},
-                "ffcv": {"reader"}}[backend]
+                "ffcv": {"reader", "augment"}}[backend]
     assert streams == expected and all(c[0] == 11 for c in calls)
     # the order streams are rank-independent where every rank must agree (memory, torch, ffcv)
     assert all(c[1] == 0 for c in calls if c[3] == "reader")
@@ -1003,3 +1007,104 @@ def test_a_forked_child_never_shuts_down_the_parents_dali_pipelines(cifar_shards
     assert not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV), "the child crashed in DALI"
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     gc.collect()  # and the parent still shuts its own pipeline down cleanly
+
+
+def test_ffcv_random_resized_crop_is_seeded_and_resumes_exactly(imagenet_shards):
+    """The decoder's own draws (RandomResizedCrop), then the flip: two runs of the same seed give the same
+    pixels, and a run resumed after batch 1 gives the rest of them (FFCV single-threaded)."""
+    def make(seed=2):
+        return loader(imagenet_shards, backend="ffcv", batch_size=6, seed=seed, num_workers=1)
+
+    first = [b.images.clone() for b in make()]
+    assert len(first) == 3 and all(torch.equal(x, y) for x, y in zip(first, [b.images for b in make()]))
+    run = make()
+    it = iter(run)
+    next(it)
+    state = run.state_dict()
+    del it, run
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b.images.clone() for b in resumed]
+    assert len(rest) == 2 and all(torch.equal(x, y) for x, y in zip(first[1:], rest))
+    other = [b.images for b in make(seed=3)]
+    assert not all(torch.equal(x, y) for x, y in zip(first, other))
+
+
+# -- rmix bench loaders: what it prints and draws ---------------------------------------------------------
+
+def _bench_rows():
+    """Rows as tools.bench.loaders.run records them: 3 repeats each, ours and the anchors."""
+    from tools.bench.loaders import ANCHOR_FFCV, ANCHOR_TV, DECODE
+
+    def row(dataset, backend, mix, kind, walls):
+        return dict(dataset=dataset, backend=backend, mix=mix, kind=kind, images=1000, s_median=sorted(walls)[1],
+                    walls=walls, cpus=[2 * w for w in walls], img_per_s=1000 / sorted(walls)[1],
+                    img_per_cpu_s=500 / sorted(walls)[1], device="cpu")
+
+    rows = [row("imagenet", DECODE, "-", "reference", [0.5, 0.52, 0.55]),
+            row("imagenet", ANCHOR_TV, "-", "anchor", [4.0, 4.2, 4.4]),
+            row("imagenet", ANCHOR_FFCV, "-", "anchor", [2.0, 2.1, 2.3])]
+    for i, backend in enumerate(("dali", "ffcv", "torch")):
+        for j, mix in enumerate(("off", "recursive_mix", "cutmix")):
+            rows.append(row("imagenet", backend, mix, "ours", [1.0 + i + 0.1 * j, 1.05 + i + 0.1 * j, 1.1 + i + 0.1 * j]))
+    return rows
+
+
+def test_bench_loaders_prints_measurements_with_their_spread_and_anchor_not_goals():
+    from tools.bench.loaders import summary
+
+    lines = summary(_bench_rows())
+    text = "\n".join(lines)
+    assert "goal" not in text
+    line = next(ln for ln in lines if ln.startswith("imagenet dali vs torchvision DataLoader: "))
+    # ours and the anchor, each median (min-max over the repeats), then the ratio and its verdict
+    assert line.startswith("imagenet dali vs torchvision DataLoader: 952 img/s (909-1,000) vs 238 img/s (227-250) = "
+                           "4.000x (faster; spread +-"), line
+    assert any(ln.startswith("imagenet ffcv vs FFCV direct: ") for ln in lines)
+    rm = next(ln for ln in lines if ln.startswith("imagenet dali: RecursiveMix "))
+    assert "vs mix off 952 img/s (909-1,000)" in rm and "per round" in rm
+
+
+def test_bench_loaders_plot_labels_do_not_overlap(tmp_path, monkeypatch):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from tools.bench.loaders import plot
+
+    matplotlib.use("Agg")
+    drawn = []  # each axes' x tick label boxes, as drawn into the PNG
+
+    def save(self, *a, **k):
+        Figure_savefig(self, *a, **k)
+        renderer = self.canvas.get_renderer()
+        drawn.extend([t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+                     for ax in self.axes)
+
+    Figure_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", save)
+    plot(_bench_rows(), tmp_path / "bench.png")
+    assert len(drawn) == 2
+    for boxes in drawn:
+        assert len(boxes) == 6
+        for a, b in zip(boxes, boxes[1:]):
+            assert a.x1 < b.x0, (a, b)  # each name ends before the next begins
+
+
+def test_bench_loaders_help_is_whole_sentences(capsys):
+    from tools.bench.loaders import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert description.endswith(".") and "FFCV used directly" in description, description
+
+
+def test_bench_loaders_ffcv_direct_writer_prints_lines_not_tqdm_frames(tmp_path, capsys):
+    """FFCV's own writer (the FFCV-direct anchor's beton) prints our progress lines into a log, not
+    tqdm's carriage-return frames."""
+    from tools.bench.loaders import ffcv_direct
+
+    src, _ = write_cifar10(tmp_path / "src", per_batch=8, test=4)
+    ffcv_direct(src, tmp_path / "direct.beton", "cifar", 8, 1, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "cifar FFCV direct beton: 40/40 img (100.0%)" in err, err

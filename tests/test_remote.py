@@ -4,12 +4,15 @@ the node-local cache, bounded retries, one-line errors naming the URL, the train
 Everything runs against a local HTTP server (a ``ThreadingHTTPServer`` in a thread of this process, port
 0) serving shards written by ``rmix shards``; its handler injects faults per path: ``503`` (an HTTP
 error), ``cut`` (the full Content-Length announced, half the bytes sent, the connection closed),
-``stall`` (half the bytes, then silence) and ``corrupt`` (the right size, one byte changed).
+``stall`` (half the bytes, then silence), ``corrupt`` (the right size, one byte changed) and
+``member-full`` / ``member-cut`` (the bytes up to the second member of the shard's fifth sample, with
+the full or the cut Content-Length announced: a transfer cut between two members of one sample).
 """
 
 import hashlib
 import json
 import logging
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -56,6 +59,15 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
             data = f.read()
         if kind == "corrupt":
             data = data[:600] + bytes([data[600] ^ 0xFF]) + data[601:]
+        if kind.startswith("member-"):
+            with tarfile.open(self.translate_path(path)) as tar:
+                members = tar.getmembers()
+            cut = members[2 * 4 + 1].offset  # the header of sample 4's second member (.png after .cls)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data) if kind == "member-full" else cut))
+            self.end_headers()
+            self.wfile.write(data[:cut])
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -132,14 +144,32 @@ def test_locations(http):
         assert m["root"] == f"{http.base}/cifar10" and split_is_remote(m, "train", "wds")
     with pytest.raises(ShardError, match=r"^pipe:cat /x: .*needs \{\}"):
         load_manifest("pipe:cat /x")
-    with pytest.raises(ShardError, match=r"^s3://b/ds/manifest.json: no reader for s3:// URLs: .*pipe:aws s3 cp"):
+    with pytest.raises(ShardError, match=r"^s3://b/ds/manifest.json: no reader for s3:// URLs: .*pipe:aws s3 cp") as e:
         load_manifest("s3://b/ds/")
+    assert "--shard_retries" not in str(e.value) and "attempt" not in str(e.value)  # no retry can fix it
     with pytest.raises(ShardError) as e:
         load_manifest(f"{http.base}/nothing-here/manifest.json", RemoteOptions(**FAST))
     msg = str(e.value)
     assert "\n" not in msg and f"{http.base}/nothing-here/manifest.json" in msg and "404" in msg
-    assert "1 attempt;" in msg  # a 404 is not retried
+    assert "(1 attempt, not retried" in msg and "--shard_retries" not in msg  # a 404 is not retried
+    assert "--skip_failed_shards" not in msg  # the manifest is not a shard to skip
     assert http.hits["/nothing-here/manifest.json"] == 1
+
+
+def test_a_url_to_a_file_is_refused_not_extended(http):
+    """A shard's or beton's URL given as the dataset: one line naming the folder and manifest URLs to
+    give instead, and nothing fetched (no ``.../val-000000.tar/manifest.json``)."""
+    tar = f"{http.base}{shard_path(http, 'val', 0)}"
+    with pytest.raises(ShardError) as e:
+        load_manifest(tar, RemoteOptions(**FAST))
+    msg = str(e.value)
+    folder = tar.rsplit("/", 1)[0]
+    assert "\n" not in msg and msg.startswith(f"{tar} names a file, not a dataset"), msg
+    assert f"{folder}/manifest.json" in msg
+    assert sum(http.hits.values()) == 0
+    # a folder whose name has a dot is a folder when it ends with /
+    with pytest.raises(ShardError, match="404"):
+        load_manifest(f"{http.base}/cifar10.v2/", RemoteOptions(**FAST))
 
 
 # -- torch backend: streamed by URL ---------------------------------------------------------------------
@@ -180,6 +210,27 @@ def test_retries_give_the_same_samples(http):
     assert http.hits[shard_path(http, "val", 0)] == 3 and http.hits[shard_path(http, "val", 1)] == 2
 
 
+@pytest.mark.parametrize("announced", ["full", "cut"])
+def test_a_transfer_cut_between_the_members_of_one_sample_is_retried(http, announced):
+    """The stream ends after sample 4's ``.cls`` and before its ``.png``: a valid but shorter tar, whether
+    the server announced the whole file (curl fails) or only what it sent (curl succeeds). The sample is
+    not handed on with a member missing; the attempt is retried and the pass equals the local one, also
+    with skip_failed_shards (which must not skip what a retry mends)."""
+    path = shard_path(http, "val", 1)
+    http.faults[path] = (f"member-{announced}", 1)
+    url = f"{http.base}{path}"
+    opts = RemoteOptions(**FAST, skip_failed_shards=True)
+    m = json.loads((http.www / "cifar10" / "manifest.json").read_text())
+    shard = m["splits"]["val"]["wds"]["shards"][1]
+    samples = list(shard_samples(url, shard["num_samples"], shard["bytes"], shard["sha256"], opts))
+    assert [sorted(k for k in x if not k.startswith("__")) for x in samples] == [["cls", "png"]] * 10
+    assert http.hits[path] == 2
+    http.hits.clear()
+    want = batches(make(http.www / "cifar10"))
+    assert batches(make(f"{http.base}/cifar10/manifest.json", remote=opts, num_workers=1)) == want
+    assert http.hits[path] == 2
+
+
 @pytest.mark.parametrize("fault", ["cut", "stall"])
 def test_a_shard_that_keeps_failing_is_one_line_naming_its_url(http, fault):
     path = shard_path(http, "val", 1)
@@ -213,8 +264,25 @@ def test_skip_failed_shards_logs_each_skip(http, caplog):
 def test_streamed_shard_with_other_bytes_fails_without_retry(http):
     path = shard_path(http, "val", 0)
     http.faults[path] = ("corrupt", -1)
-    with pytest.raises(ShardError, match=r"sha256 differs .*\(1 attempt;"):
+    with pytest.raises(ShardError, match=r"sha256 differs .*\(1 attempt, not retried: .*; see --skip_failed_shards\)$"):
         list(shard_samples(f"{http.base}{path}", 10, sha256="0" * 64, options=RemoteOptions(**FAST)))
+
+
+def test_skipping_a_shard_whose_hash_differs_says_how_many_samples_were_used(http, caplog):
+    """A stream is checked at its end: with skip_failed_shards the line says how many of the shard's
+    samples went on before its sha256 was known (all but the last, held back until the check)."""
+    path = shard_path(http, "val", 0)
+    http.faults[path] = ("corrupt", -1)
+    url = f"{http.base}{path}"
+    opts = RemoteOptions(**FAST, skip_failed_shards=True)
+    with caplog.at_level(logging.WARNING, logger="shards.remote"):
+        got = list(shard_samples(url, 10, sha256="0" * 64, options=opts))
+    assert len(got) == 9
+    (record,) = [r for r in caplog.records if url in r.getMessage()]
+    msg = record.getMessage()
+    assert "\n" not in msg and msg.startswith(f"skipping {url}: its sha256 differs"), msg
+    assert "9 samples of it were used before the hash was known" in msg and "rmix verify" in msg, msg
+    assert "--shard_retries" not in msg  # no retry mends another file
 
 
 # -- DALI (and FFCV, memory) through the node-local cache -----------------------------------------------
@@ -279,9 +347,11 @@ def test_cache_bound_evicts_other_datasets(http, tmp_path):
     fits = RemoteOptions(**FAST, cache_dir=str(cache), cache_max_gb=(need + 100_000) / 1e9)
     ShardCache(fits).localise(m, "val", "wds")
     assert not stale.exists()
-    with pytest.raises(ShardError, match="shard_cache_max_gb"):
-        too_small = RemoteOptions(**FAST, cache_dir=str(tmp_path / "c2"), cache_max_gb=need / 2e9)
+    too_small = RemoteOptions(**FAST, cache_dir=str(tmp_path / "c2"), cache_max_gb=need / 2e9)
+    with pytest.raises(ShardError, match="shard_cache_max_gb") as e:
         ShardCache(too_small).localise(m, "val", "wds")
+    # sizes in a unit that shows them: the split's ~130 KB against a ~65 KB limit, not "0.00 GB"
+    assert f"needs {need / 1e3:.1f} KB for this split (limit {int(need / 2) / 1e3:.1f} KB," in str(e.value), str(e.value)
 
 
 def test_ffcv_and_memory_through_the_cache(http, tmp_path):

@@ -430,6 +430,7 @@ def test_val_class_missing_from_train_is_an_error(tmp_path):
     (src / "val" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG").rename(src / "val" / "n09999999" / "a.JPEG")
     with pytest.raises(ShardError, match="n09999999 not in .*train"):
         shard("imagenet", src, tmp_path / "out", formats=["wds"])
+    assert not list((tmp_path / "out").rglob("*.tar"))  # found before the train split is written
 
 
 def test_keys_are_unique_by_construction(tmp_path):
@@ -683,3 +684,121 @@ def test_encode_pool_ends_even_when_the_parent_handles_sigterm(tmp_path, cifar10
             "workers=2, progress=False); print('done')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and r.stdout.strip().endswith("done"), r.stderr[-2000:]
+
+
+# -- ImageFolder as torchvision reads it; every split checked before writing; reproducible outputs -------
+
+def test_nested_files_reach_the_shards_in_torchvisions_order(tmp_path):
+    """torchvision's ImageFolder takes every image under a class folder, nested folders included (its
+    ``os.walk``): those files reach the shards, labelled by their class folder, numbered in its order."""
+    from torchvision.datasets import ImageFolder
+
+    from shards.sources import ImageFolderSource, imagefolder_classes
+
+    src = write_imagefolder(tmp_path / "src", oddities=False)
+    jpeg = (src / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG").read_bytes()
+    for rel in ("sub/a.JPEG", "sub/deeper/b.JPEG", "sub-2/c.JPEG", "sub.d/e.JPEG"):
+        (src / "train" / WNIDS[1] / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / "train" / WNIDS[1] / rel).write_bytes(jpeg)
+    source = ImageFolderSource(src, "train", imagefolder_classes(src))
+    torchvision = [(os.path.relpath(p, src / "train").replace(os.sep, "/"), y)
+                   for p, y in ImageFolder(str(src / "train")).samples]
+    assert [(source.files.rel(i), source.label(i)) for i in range(len(source))] == torchvision
+    m = shard("imagenet", src, tmp_path / "out", formats=["wds"], splits=["train"], samples_per_shard=5)
+    assert m["splits"]["train"]["num_samples"] == 3 * 4 + 4
+    got = read_wds(load_manifest(tmp_path / "out" / "imagenet"), "train")
+    img, label = got[image_key(f"{WNIDS[1]}/sub/deeper/b.JPEG")]
+    assert label == 1 and abs(img.mean() - 127) < 12
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_empty_class_folder_is_one_error_before_anything_is_written(tmp_path, split):
+    """torchvision's ImageFolder raises FileNotFoundError for a class folder without images; so does
+    ``rmix shards``, in one line naming it, for either split, before a shard of any split is written."""
+    src = write_imagefolder(tmp_path / "src", oddities=False)
+    empty = src / split / WNIDS[2]
+    for f in empty.iterdir():
+        f.unlink()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(ShardError, match=rf"{split}: no images in class folder\(s\) {WNIDS[2]} \(looked for"):
+        shard("imagenet", src, tmp_path / "out", formats=["wds"])
+    assert not list((tmp_path / "out").rglob("*.tar"))
+
+
+def test_rejects_name_the_file_and_a_merge_equals_one_run(tmp_path):
+    """A file PIL cannot identify is rejected with its name, not PIL's ``<_io.BytesIO object at 0x...>``,
+    so ``rejects.tsv`` is the same in every run and the merge of parts is byte for byte a single run's."""
+    from shards.build import merge
+
+    src = write_imagefolder(tmp_path / "src", oddities=True)
+    (src / "train" / WNIDS[1] / "junk.JPEG").write_bytes(b"not an image at all")
+    kw = dict(formats=["wds"], samples_per_shard=4)
+    shard("imagenet", src, tmp_path / "one", **kw)
+    for k in (1, 0):
+        build(ShardParams(dataset="imagenet", **kw), src, tmp_path / "parts", workers=2, progress=False, part=f"{k}/2")
+    merge(tmp_path / "parts" / "imagenet")
+    one = (tmp_path / "one" / "imagenet" / "rejects.tsv").read_bytes()
+    assert one == (tmp_path / "parts" / "imagenet" / "rejects.tsv").read_bytes()
+    text = one.decode()
+    assert f"cannot identify image file '{WNIDS[1]}/junk.JPEG'" in text and "0x" not in text, text
+
+
+def test_ffcv_proportion_mode_is_seeded_so_runs_write_the_same_beton(tmp_path, monkeypatch):
+    """'proportion' mode draws which images FFCV compresses from numpy's global generator; seeded per
+    chunk from --seed, two runs from processes in different numpy states write byte-identical betons
+    (one worker), and with two workers taking chunks in any order each sample is stored the same way."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    from shards import ffcv_writer
+
+    monkeypatch.setattr(ffcv_writer, "CHUNK", 4)  # several chunks for two workers to share
+    src = write_imagefolder(tmp_path / "src", per_class=10, oddities=False)
+
+    def beton(name, workers, numpy_state, seed=0):
+        np.random.seed(numpy_state)  # the caller's numpy state: another process, another state
+        shard("imagenet", src, tmp_path / name, formats=["ffcv"], splits=["train"], workers=workers,
+              ffcv_write_mode="proportion", seed=seed)
+        return tmp_path / name / "imagenet" / "ffcv" / "train.beton"
+
+    def modes(path):
+        return Reader(str(path)).metadata["f0"]["mode"]
+
+    a, b = beton("a", 1, 1), beton("b", 1, 2)
+    assert a.read_bytes() == b.read_bytes()
+    jpg = modes(a) == IMAGE_MODES["jpg"]
+    assert 0 < jpg.sum() < len(jpg)  # a proportion compressed, the rest raw
+    for name, state in (("c", 3), ("d", 4)):
+        assert np.array_equal(modes(beton(name, 2, state)), modes(a))
+    assert not np.array_equal(modes(beton("e", 1, 1, seed=1)), modes(a))  # another --seed, another subset
+
+
+def test_part_with_a_negative_k_is_one_line_about_k_of_n(tmp_path, cifar10):
+    from tools.shards import main as shards_main
+
+    src, _ = cifar10
+    with pytest.raises(SystemExit) as e:
+        shards_main(["--dataset", "cifar10", "--src", str(src), "--out", str(tmp_path / "out"), "--formats", "wds",
+                     "--samples-per-shard", "10", "--part", "-1/2", "--no-progress"])
+    line = str(e.value.code)
+    assert line == "rmix shards: --part -1/2: K is this machine's part, 0..1 (parts are numbered from 0)", line
+
+
+def test_ffcv_writer_progress_off_a_terminal_is_plain_lines(tmp_path, cifar10, capsys):
+    """FFCV's writer draws a tqdm bar of its own: off a terminal it becomes our plain progress lines."""
+    src, _ = cifar10
+    build(ShardParams(dataset="cifar10", formats=["ffcv"], splits=["val"]), src, tmp_path / "out", workers=1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "val ffcv: 20/20 img (100.0%)" in err, err
+    build(ShardParams(dataset="cifar10", formats=["ffcv"], splits=["val"]), src, tmp_path / "quiet", workers=1,
+          progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_verify_help_is_not_cut_off(capsys):
+    from tools.verify import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert description.endswith(".") and "the full check" in description, description

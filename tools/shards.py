@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="encoding processes (default 0: all cores)")
     p.add_argument("--max-side", type=int, help="imagenet only: resize images whose longer side exceeds this (>= 1)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 of re-encoded images")
-    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the write-time shuffle")
+    p.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the write-time shuffle and of the images "
+                   "FFCV's 'proportion' mode compresses")
     p.add_argument("--ffcv-write-mode", choices=WRITE_MODES, help="default: raw for CIFAR/digits, proportion for ImageNet")
     p.add_argument("--ffcv-max-resolution", type=int, help="longer side of images in the beton (>= 1)")
     p.add_argument("--ffcv-compress-probability", type=float, default=0.5, help="in [0, 1]")
@@ -75,11 +76,23 @@ def merge_main(argv) -> None:
     print(f"rmix shards merge: {args.root}/manifest.json: {total} samples in {shards} shards")
 
 
+def _attach_part_value(argv: list) -> list:
+    """``--part -1/2`` as ``--part=-1/2``: argparse takes a value that starts with ``-`` for a flag and
+    stops with "expected one argument"; attached, the value reaches :func:`shards.build.parse_part`,
+    whose one line says what K/N must be."""
+    out = list(argv)
+    for i, a in enumerate(out[:-1]):
+        if a == "--part" and out[i + 1].startswith("-"):
+            out[i : i + 2] = [f"--part={out[i + 1]}"]
+            break
+    return out
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "merge":
         return merge_main(argv[1:])
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_attach_part_value(argv))
     params = ShardParams(
         dataset=args.dataset, splits=args.split, formats=args.formats,
         samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes, max_side=args.max_side,

@@ -12,7 +12,11 @@ from shards.verify import verify
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="rmix verify", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="rmix verify",
+        description="Re-read every shard and beton of a dataset against its manifest.json: sizes and sha256 of "
+                    "every file, each .idx against the manifest and the tar, every label, and a decode of every "
+                    "image. This is the full check; loaders check at start only what takes seconds.")
     p.add_argument("path", type=Path, help="OUT/<dataset> (the directory holding manifest.json)")
     p.add_argument("--sample", type=int, default=0,
                    help="decode only K random images per file (default 0: all); sizes, hashes, the .idx, keys "
