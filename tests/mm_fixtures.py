@@ -50,9 +50,10 @@ def coco_categories(*ids: int) -> list[dict]:
     return [{"id": i, "name": COCO_NAME_OF[i], "supercategory": "thing"} for i in (ids or COCO_IDS)]
 
 
-# The fixtures' default categories: real COCO ids with gaps (person 1, dog 18, bottle 44), so a loader that
-# renumbers ids to 1..N, or reads an index as an id, gives the wrong class.
-COCO_CATEGORIES = coco_categories(1, 18, 44)
+# The categories of the fixtures' boxes: real COCO ids with gaps (person 1, dog 18, bottle 44), so a loader
+# that renumbers ids to 1..N, or reads an index as an id, gives the wrong class.
+BOX_IDS = (1, 18, 44)
+COCO_CATEGORIES = coco_categories(*BOX_IDS)
 
 
 def _background(rng, h, w) -> np.ndarray:
@@ -63,11 +64,12 @@ def _colour(label: int) -> np.ndarray:
     return np.array([label * 97 % 256, label * 53 % 256, 255 - label * 31 % 256], dtype=np.uint8)
 
 
-def write_coco(root: Path, train: int = 4, val: int = 2, size=(320, 320), seed: int = 0,
-               categories=COCO_CATEGORIES, use=None) -> Path:
+def write_coco(root: Path, train: int = 4, val: int = 2, size=(320, 320), seed: int = 0, categories=None,
+               use=BOX_IDS) -> Path:
     """COCO 2017 layout with ``train`` / ``val`` images of ``size`` (h, w), 1-3 boxes each (>= 40 px). The
-    files list ``categories`` (:func:`coco_categories`); the boxes are of those whose ids are in ``use``
-    (default: all listed)."""
+    files list ``categories`` (:func:`coco_categories`; default COCO's 80, as the real files); the boxes
+    are of those whose ids are in ``use`` (default :data:`BOX_IDS`; None: all listed)."""
+    categories = coco_categories() if categories is None else categories
     drawn = [c for c in categories if use is None or c["id"] in use]
     rng = np.random.default_rng(seed)
     root = Path(root)

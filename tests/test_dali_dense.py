@@ -139,7 +139,7 @@ def write_coco_oddities(root: Path) -> Path:
     category the file does not list and one marked ``ignore``; and three more images: one whose only
     annotation is of that unlisted category, one whose only annotation is a crowd, one 24x24 (under
     ``min_size=32``) with a valid box."""
-    root = write_coco(root, train=4, val=3, size=(240, 320), categories=coco_categories(*SPARSE_IDS))
+    root = write_coco(root, train=4, val=3, size=(240, 320), categories=coco_categories(*SPARSE_IDS), use=None)
     for split in ("train", "val"):
         path = root / "annotations" / f"instances_{split}2017.json"
         doc = json.loads(path.read_text())
@@ -211,8 +211,7 @@ def test_labels_are_mmdets_on_real_coco_ids(tmp_path, train, classes):
     """A file listing COCO's 80 categories, boxes of 1, 3, 18, 44, 62 (person, car, dog, bottle, chair): per
     image, our labels and boxes are what mmdet's own CocoDataset + pipeline give on the same file, with
     COCO's 80 classes and with a subset (the other categories dropped), in training and in evaluation."""
-    root = write_coco(tmp_path / "coco", train=6, val=4, size=(240, 320), categories=coco_categories(),
-                      use=SPARSE_IDS)
+    root = write_coco(tmp_path / "coco", train=6, val=4, size=(240, 320), use=SPARSE_IDS)
     split = "train" if train else "val"
     stock = stock_det_samples(root, split, train, classes)
     ours = our_det_samples(root, split, train, classes)
@@ -248,7 +247,7 @@ def test_annotation_without_bbox_is_refused_in_one_line(tmp_path):
 
     from trainers.mm.dali_loop import DaliLoaderError, build_mm_loader
 
-    root = write_coco(tmp_path / "coco", train=3, val=1, size=(240, 320), categories=coco_categories(*SPARSE_IDS))
+    root = write_coco(tmp_path / "coco", train=3, val=1, size=(240, 320), use=SPARSE_IDS)
     path = root / "annotations" / "instances_train2017.json"
     doc = json.loads(path.read_text())
     bad = doc["annotations"][1]
