@@ -396,12 +396,13 @@ class CocoDaliLoader(DenseDaliLoader):
                              f"rules (filter_cfg {filter_cfg if self.train else None})")
         self._files = [s["img_path"] for s in samples]
         self._img_ids = [int(s["img_id"]) for s in samples]
-        self._anns = []  # per sample: (ltrb float32 (k, 4), labels int64 (k,), ignore flags bool (k,))
-        for s in samples:
-            inst = s["instances"]
-            self._anns.append((torch.tensor([i["bbox"] for i in inst], dtype=torch.float32).reshape(-1, 4),
-                               torch.tensor([i["bbox_label"] for i in inst], dtype=torch.int64),
-                               torch.tensor([bool(i["ignore_flag"]) for i in inst], dtype=torch.bool)))
+        # every sample's instances in three flat arrays (a few tensors, not three per image: COCO has 118k),
+        # sample k's are rows offsets[k]:offsets[k + 1]
+        inst = [i for s in samples for i in s["instances"]]
+        self._boxes = torch.tensor([i["bbox"] for i in inst], dtype=torch.float32).reshape(-1, 4)
+        self._labels = torch.tensor([i["bbox_label"] for i in inst], dtype=torch.int64)
+        self._ignore = torch.tensor([bool(i["ignore_flag"]) for i in inst], dtype=torch.bool)
+        self._offsets = np.cumsum([0] + [len(s["instances"]) for s in samples]).tolist()
         self._num_samples = len(samples)
         self._iterator = self._build()
 
@@ -458,7 +459,8 @@ class CocoDaliLoader(DenseDaliLoader):
         boxes, labels, ignored, metas = [], [], [], []
         for i, (h, w, nh, nw) in enumerate(info):
             k = index[i]
-            b, lab, ign = self._anns[k]
+            rows = slice(self._offsets[k], self._offsets[k + 1])
+            b, lab, ign = self._boxes[rows], self._labels[rows], self._ignore[rows]
             # mmdet's Resize (HorizontalBoxes.rescale_ in float32, clip_ to the image) and RandomFlip (flip_)
             sx, sy = nw / w, nh / h
             b = b * torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
