@@ -17,7 +17,9 @@ keep_ratio=True), RandomFlip(0.5), PackDetInputs`` + ``DetDataPreprocessor(pad_s
 
 * annotations: mmdet's (above): ltrb pixels ``[x, y, x + w, y + h]``, labels by mmdet's ``cat2label`` over
   the real COCO category ids, crowd boxes in ``ignored_instances``; training applies the ``filter_cfg``
-  (ATSS: ``filter_empty_gt=True, min_size=32``), evaluation keeps every image.
+  (ATSS: ``filter_empty_gt=True, min_size=32``), evaluation keeps every image. Evaluation boxes are scaled
+  as in training; mmdet's test pipelines load annotations after ``Resize``, so theirs stay in the original
+  frame (no metric reads them: ``CocoMetric`` reads the annotation file).
 * output size: mmcv's ``rescale_size`` arithmetic exactly (``s = min(1333 / long, 800 / short)``,
   ``int(side * s + 0.5)``, in float64 inside the graph); boxes scaled by ``(new_w / w, new_h / h)``,
   clipped to the image and flipped ``x -> W - x`` with the same coin as the pixels; the metainfo mmdet
