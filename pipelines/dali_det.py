@@ -1,21 +1,25 @@
-"""DALI detection loader: ``fn.readers.coco`` on a COCO layout -> mmdet batches (``DetDataPreprocessor``'s input).
+"""DALI detection loader: a COCO layout -> mmdet batches (``DetDataPreprocessor``'s input).
 
-The graph is the module-level ``@pipeline_def`` factory :func:`coco_pipeline` (reader named ``"reader"`` so
-the iterator sizes the epoch; augmentation subgraph :func:`det_augment`). Same device switch as
+mmdet's own ``CocoDataset`` parses the annotation file (:func:`mmdet_coco_samples`: its images, labels,
+box rules and training filter, not a second implementation of them); DALI reads and decodes the images
+(``fn.readers.file`` over that list, each sample's index beside it, to look its annotations up). The graph
+is the module-level ``@pipeline_def`` factory :func:`det_pipeline` (reader named ``"reader"`` so the
+iterator sizes the epoch; augmentation subgraph :func:`det_augment`). Same device switch as
 :mod:`pipelines.dali`: with CUDA ``mixed`` decode and GPU operators on ``dali_device_id(device)``, without
-it the same graph on CPU with ``device_id=None``. DDP: DALI's ``shard_id``/``num_shards``; train drops the
-last partial batch, eval pads the reader and the iterator removes the padding, so each image is evaluated
-exactly once across ranks. Reader seed ``derive_seed(seed, rank, 0, "reader")`` (DALI reshuffles every
-epoch on its own); resume with DALI's checkpointing.
+it the same graph on CPU with ``device_id=None``. DDP: training shards with DALI's
+``shard_id``/``num_shards`` and drops the last partial batch; evaluation gives each rank the samples of
+mmengine's ``DefaultSampler`` layout (:func:`eval_shard`), so mmengine's gather of the ranks' results counts
+every image exactly once for any image count and world size. Reader seed ``derive_seed(seed, rank, 0,
+"reader")`` (DALI reshuffles every epoch on its own); resume with DALI's checkpointing.
 
 What matches mmdet's stock ATSS pipeline (``LoadImageFromFile, LoadAnnotations, Resize(scale=(1333, 800),
 keep_ratio=True), RandomFlip(0.5), PackDetInputs`` + ``DetDataPreprocessor(pad_size_divisor=32)``):
 
-* annotations: ltrb pixels ``[x, y, x + w, y + h]``, ``iscrowd`` boxes excluded (mmdet moves them to
-  ``ignored_instances``, which ATSS does not use), labels mapped by category *name* to the index of the
-  dataset's ``classes`` (mmdet's ``cat2label``); training skips images without annotations
-  (``filter_empty_gt=True``), evaluation keeps them. mmdet's ``min_size=32`` image filter is not applied
-  (COCO has no image that small).
+* annotations: mmdet's (above): ltrb pixels ``[x, y, x + w, y + h]``, labels by mmdet's ``cat2label`` over
+  the real COCO category ids, crowd boxes in ``ignored_instances``; training applies the ``filter_cfg``
+  (ATSS: ``filter_empty_gt=True, min_size=32``), evaluation keeps every image. Evaluation boxes are scaled
+  as in training; mmdet's test pipelines load annotations after ``Resize``, so theirs stay in the original
+  frame (no metric reads them: ``CocoMetric`` reads the annotation file).
 * output size: mmcv's ``rescale_size`` arithmetic exactly (``s = min(1333 / long, 800 / short)``,
   ``int(side * s + 0.5)``, in float64 inside the graph); boxes scaled by ``(new_w / w, new_h / h)``,
   clipped to the image and flipped ``x -> W - x`` with the same coin as the pixels; the metainfo mmdet
@@ -47,9 +51,9 @@ padded image, with ``img_shape`` = the padded shape, since pasted content may la
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -115,27 +119,55 @@ def det_augment(encoded, scale: Sequence[float], flip_prob: float, gpu: bool, ho
 
 
 @pipeline_def(enable_checkpointing=True)
-def coco_pipeline(file_root: str, annotations_file: str, scale=(1333, 800), flip_prob: float = 0.5,
-                  shard_id: int = 0, num_shards: int = 1, gpu: bool = False, is_training: bool = False,
-                  host_resize: bool = False):
-    """COCO images + ``instances_*.json`` -> ``(images, info, flip, boxes, labels, image_ids)``.
+def det_pipeline(files: Sequence[str], indices: Optional[Sequence[int]] = None, scale=(1333, 800),
+                 flip_prob: float = 0.5, shard_id: int = 0, num_shards: int = 1, gpu: bool = False,
+                 is_training: bool = False, host_resize: bool = False):
+    """Image files -> ``(images, info, flip, index)``.
 
     Call with DALI's pipeline arguments too (``batch_size``, ``num_threads``, ``device_id`` -- None for
-    a CPU-only graph --, ``seed``, ``checkpoint``). Boxes are the file's ltrb pixels padded with -1 to the
-    batch maximum count, labels the file's ``category_id`` padded with -1; the loader scales and flips
-    them with ``info`` / ``flip``. Training shuffles and skips images without (non-crowd) annotations;
-    eval pads the last batch and sticks to its shard (exact-once across ``num_shards``). ``host_resize``:
-    see :func:`det_augment`.
+    a CPU-only graph --, ``seed``, ``checkpoint``). The reader reads ``files[i]`` for each ``i`` of
+    ``indices`` (default: every file once) and returns ``i`` beside it: the loader looks the sample's
+    annotations up by it. Training shuffles; eval pads the last batch and sticks to its shard.
+    ``host_resize``: see :func:`det_augment`.
     """
-    encoded, boxes, labels, image_ids = fn.readers.coco(
-        file_root=file_root, annotations_file=annotations_file, ltrb=True, ratio=False, image_ids=True,
-        skip_empty=is_training, include_iscrowd=False, shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=is_training, pad_last_batch=not is_training, stick_to_shard=not is_training,
-        name="reader")
+    indices = list(range(len(files))) if indices is None else [int(i) for i in indices]
+    encoded, index = fn.readers.file(
+        files=[files[i] for i in indices], labels=indices, shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=is_training, pad_last_batch=not is_training, stick_to_shard=not is_training, name="reader")
     images, info, flip = det_augment(encoded, scale, flip_prob if is_training else 0.0, gpu, host_resize)
-    boxes = fn.pad(boxes, axes=(0,), fill_value=-1.0)
-    labels = fn.pad(fn.cast(labels, dtype=types.INT32), axes=(0,), fill_value=-1)
-    return images, info, flip, boxes, labels, image_ids
+    return images, info, flip, index
+
+
+def eval_shard(n: int, rank: int, world_size: int) -> list[int]:
+    """The sample indices rank ``rank`` of ``world_size`` evaluates, in order: the layout of mmengine's
+    ``DefaultSampler(shuffle=False)`` (``range(n)`` repeated up to a multiple of ``world_size``, then every
+    ``world_size``-th from ``rank``).
+
+    Why this layout: mmengine's evaluator gathers the ranks' results with ``collect_results``, which
+    interleaves them (first result of each rank in rank order, then the second, ...), stops at the shortest
+    rank and keeps the first ``len(dataset)`` = ``n``. With this layout every rank evaluates
+    ``ceil(n / world_size)`` samples, the interleaved list is the padded range in order, and the padding (at
+    most ``world_size - 1`` repeats of the first samples) falls after the first ``n``: every sample is
+    counted exactly once, for any ``n >= 1`` and ``world_size``. DALI's own sharding gives uneven shards
+    (3 images on 2 ranks: 1 and 2), which that gather would truncate."""
+    per_rank = -(-n // world_size)
+    total = per_rank * world_size
+    padded = (list(range(n)) * (total // n + 1))[:total]
+    return padded[rank::world_size]
+
+
+def first_unreadable(paths: Sequence[str], pool: ThreadPoolExecutor) -> Optional[str]:
+    """The first of ``paths`` whose image header PIL cannot read (missing, empty, not an image), or None."""
+    from PIL import Image
+
+    def bad(path: str) -> bool:
+        try:
+            with Image.open(path) as im:  # reads the header only
+                return im.size[0] < 1
+        except (OSError, ValueError):
+            return True
+
+    return next((p for p, b in zip(paths, pool.map(bad, paths)) if b), None)
 
 
 class DenseDaliLoader:
@@ -166,6 +198,7 @@ class DenseDaliLoader:
             mix.borrow_batches()  # every batch is a fresh tensor and the trainer only reads it
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
         self.epoch, self.position = 0, 0
+        self._num_samples = 0  # set by the subclass before its first _build()
         self._iterator = None
         self._pool = None  # threads of the host-side stages (CPU path), started with the first batch
 
@@ -181,15 +214,43 @@ class DenseDaliLoader:
 
     def _build(self, checkpoint=None):
         pipe = self._pipeline(checkpoint)
-        with too_few_samples_is_one_line(self.source or self.backend, self.world_size):
+        with too_few_samples_is_one_line(self.source or self.backend, self.world_size), self._undecodable_is_one_line():
             return DALIGenericIterator([pipe], list(self.output_names), reader_name="reader", auto_reset=True,
                                        last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
 
+    def source_files(self) -> Sequence[str]:
+        """Every file the graph decodes (images, label maps): where an undecodable one is looked for."""
+        raise NotImplementedError
+
+    @contextmanager
+    def _undecodable_is_one_line(self):
+        """DALI reports a file its decoder cannot read in some 40 lines that name neither the file nor the
+        folder; this raises one ``ValueError`` line naming the file instead: the first of
+        :meth:`source_files` whose header PIL does not recognise (read only on this failure), or, when every
+        header reads, the folder."""
+        try:
+            yield
+        except RuntimeError as e:
+            msg = str(e)
+            if "decoders" not in msg and "peek_image_shape" not in msg:
+                raise
+            lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and "no longer valid" not in ln]
+            reason = lines[-1] if lines else "decoder error"
+            bad = first_unreadable(self.source_files(), self.pool())
+            where = f"{bad}: DALI cannot decode this file" if bad else f"{self.source}: DALI cannot decode a file here"
+            raise ValueError(f"{where} ({reason}); replace or remove it") from None
+
     def _pipe_kwargs(self, checkpoint) -> dict:
+        """DALI's pipeline arguments and this rank's share of the samples: training shards with DALI
+        (``shard_id``/``num_shards``, the last partial batch dropped), evaluation reads the rank's
+        :func:`eval_shard` whole (every rank the same count, so mmengine's gather counts each sample once)."""
+        if self.train:
+            share = dict(indices=None, shard_id=self.rank, num_shards=self.world_size)
+        else:
+            share = dict(indices=eval_shard(self.num_samples, self.rank, self.world_size), shard_id=0, num_shards=1)
         return dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
                     seed=derive_seed(self.seed, self.rank, 0, "reader"), prefetch_queue_depth=2,
-                    checkpoint=checkpoint, shard_id=self.rank, num_shards=self.world_size,
-                    gpu=self._device_id is not None, is_training=self.train)
+                    checkpoint=checkpoint, gpu=self._device_id is not None, is_training=self.train, **share)
 
     @property
     def iterator(self):
@@ -199,8 +260,8 @@ class DenseDaliLoader:
 
     @property
     def num_samples(self) -> int:
-        """Samples of one epoch over all ranks (eval: every image once)."""
-        return int(self.iterator._pipes[0].reader_meta("reader")["epoch_size"])
+        """Samples of one epoch over all ranks (eval: every image once; mmengine's ``len(dataset)``)."""
+        return self._num_samples
 
     # -- iteration -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -213,7 +274,12 @@ class DenseDaliLoader:
             self.mix.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        for out in self.iterator:
+        batches = iter(self.iterator)
+        while True:
+            with self._undecodable_is_one_line():
+                out = next(batches, None)
+            if out is None:
+                break
             self.position += 1
             with one_torch_thread(self._device_id is None):  # DALI's threads decode the next batches meanwhile
                 batch = self._batch(out[0])
@@ -258,14 +324,52 @@ class DenseDaliLoader:
         self._iterator = self._build(checkpoint=state["dali"])
 
 
+ATSS_FILTER = dict(filter_empty_gt=True, min_size=32)  # mmdet's COCO detection configs' train filter_cfg
+
+
+def mmdet_coco_samples(img_dir, ann_file, classes: Sequence[str], *, train: bool,
+                       filter_cfg: Optional[dict] = ATSS_FILTER) -> list[dict]:
+    """The samples mmdet's ``CocoDataset`` makes of ``ann_file``, by mmdet itself (one implementation of its
+    rules): ``img_id``, ``img_path``, ``width``, ``height`` and ``instances`` (``bbox`` ltrb pixels,
+    ``bbox_label``, ``ignore_flag``) per image, in its order, after its training filter.
+
+    So the labels are mmdet's ``cat2label`` (the index among the file's categories whose name is in
+    ``classes``, by their real COCO ids), annotations with an unknown category, no overlap with the image,
+    ``area <= 0`` or a side under 1 pixel are dropped, crowd boxes are flagged ``ignore_flag=1``, and in
+    training (``filter_cfg``, ``test_mode=False``) images without an annotation of a selected category or
+    smaller than ``min_size`` are skipped. What mmdet refuses (an annotation without ``bbox``, ``area`` or
+    ``category_id``, repeated annotation ids) raises a one-line ``ValueError`` naming it."""
+    from mmdet.datasets import CocoDataset
+
+    ds = CocoDataset(ann_file=str(ann_file), data_prefix=dict(img=str(img_dir)), metainfo=dict(classes=tuple(classes)),
+                     filter_cfg=dict(filter_cfg) if (train and filter_cfg) else None, test_mode=not train,
+                     pipeline=[], serialize_data=False, lazy_init=True)
+    try:
+        ds.full_init()
+    except KeyError as e:
+        key = e.args[0] if e.args else "?"
+        coco = getattr(ds, "coco", None)
+        bad = [a for a in (coco.dataset.get("annotations", []) if coco is not None else []) if key not in a]
+        which = f"annotation {bad[0].get('id')} (image {bad[0].get('image_id')})" if bad else "an entry"
+        raise ValueError(f"{ann_file}: {which} has no {key!r}, which mmdet's CocoDataset reads from every "
+                         "annotation; fix or remove it") from None
+    except AssertionError as e:  # mmdet's own checks (e.g. repeated annotation ids): its message, one line
+        raise ValueError(f"{ann_file}: {str(e).splitlines()[0] if str(e) else 'refused by mmdet'}") from None
+    return [ds.get_data_info(i) for i in range(len(ds))]
+
+
 class CocoDaliLoader(DenseDaliLoader):
-    """COCO detection for mmdet: batches of ``DetDataSample`` with ``gt_instances`` (HorizontalBoxes, labels).
+    """COCO detection for mmdet: batches of ``DetDataSample`` with ``gt_instances`` (HorizontalBoxes, labels)
+    and ``ignored_instances`` (crowd boxes), for the images and annotations mmdet's ``CocoDataset`` makes of
+    the file (:func:`mmdet_coco_samples`); DALI reads and decodes the images (``fn.readers.file``).
 
     Args:
         img_dir: the images folder (``data_root/train2017``).
         ann_file: ``instances_*.json``.
-        classes: the dataset's class names in mmdet's order (``CocoDataset.METAINFO['classes']``); a
-            category whose name is not listed is dropped (mmdet selects categories by name).
+        classes: the dataset's class names (``CocoDataset.METAINFO['classes']``, or the config's
+            ``metainfo.classes``); categories are selected by name, as mmdet does.
+        filter_cfg: mmdet's ``filter_cfg`` for training (default ATSS's ``filter_empty_gt=True,
+            min_size=32``; None keeps every image); evaluation keeps every image, as mmdet's ``test_mode``.
         scale: ``Resize(scale=..., keep_ratio=True)``'s scale (default ATSS's (1333, 800)).
         flip_prob: ``RandomFlip(prob=...)`` (train only).
         mix: a :class:`rmix.dense.DetRecursiveMix` (train only), or None.
@@ -275,10 +379,10 @@ class CocoDaliLoader(DenseDaliLoader):
     """
 
     backend = "dali_coco"
-    output_names = ("images", "info", "flip", "boxes", "labels", "image_ids")
+    output_names = ("images", "info", "flip", "index")
 
-    def __init__(self, img_dir, ann_file, classes: Sequence[str], *, scale=(1333, 800), flip_prob: float = 0.5,
-                 host_resize: Optional[bool] = None, **kw):
+    def __init__(self, img_dir, ann_file, classes: Sequence[str], *, filter_cfg: Optional[dict] = ATSS_FILTER,
+                 scale=(1333, 800), flip_prob: float = 0.5, host_resize: Optional[bool] = None, **kw):
         super().__init__(**kw)
         self.host_resize = self._device_id is None if host_resize is None else bool(host_resize)
         self.img_dir, self.ann_file = str(img_dir), str(ann_file)
@@ -288,20 +392,28 @@ class CocoDaliLoader(DenseDaliLoader):
         if not Path(self.img_dir).is_dir():
             raise FileNotFoundError(f"no COCO image folder {self.img_dir}")
         self.scale, self.flip_prob = tuple(scale), float(flip_prob)
-        doc = json.loads(Path(self.ann_file).read_text())
-        names = list(classes)
-        ids = [c["id"] for c in doc["categories"]]
-        lut = np.full(max(ids + [0]) + 1, -1, dtype=np.int64)
-        for c in doc["categories"]:
-            if c["name"] in names:
-                lut[c["id"]] = names.index(c["name"])
-        self._cat2label = torch.from_numpy(lut)
-        self._files = {int(im["id"]): os.path.join(self.img_dir, im["file_name"]) for im in doc["images"]}
+        samples = mmdet_coco_samples(self.img_dir, self.ann_file, classes, train=self.train, filter_cfg=filter_cfg)
+        if not samples:
+            raise ValueError(f"{self.ann_file}: no {'training ' if self.train else ''}images left after mmdet's "
+                             f"rules (filter_cfg {filter_cfg if self.train else None})")
+        self._files = [s["img_path"] for s in samples]
+        self._img_ids = [int(s["img_id"]) for s in samples]
+        # every sample's instances in three flat arrays (a few tensors, not three per image: COCO has 118k),
+        # sample k's are rows offsets[k]:offsets[k + 1]
+        inst = [i for s in samples for i in s["instances"]]
+        self._boxes = torch.tensor([i["bbox"] for i in inst], dtype=torch.float32).reshape(-1, 4)
+        self._labels = torch.tensor([i["bbox_label"] for i in inst], dtype=torch.int64)
+        self._ignore = torch.tensor([bool(i["ignore_flag"]) for i in inst], dtype=torch.bool)
+        self._offsets = np.cumsum([0] + [len(s["instances"]) for s in samples]).tolist()
+        self._num_samples = len(samples)
         self._iterator = self._build()
 
+    def source_files(self) -> Sequence[str]:
+        return self._files
+
     def _pipeline(self, checkpoint):
-        return coco_pipeline(file_root=self.img_dir, annotations_file=self.ann_file, scale=self.scale,
-                             flip_prob=self.flip_prob, host_resize=self.host_resize, **self._pipe_kwargs(checkpoint))
+        return det_pipeline(files=self._files, scale=self.scale, flip_prob=self.flip_prob, host_resize=self.host_resize,
+                            **self._pipe_kwargs(checkpoint))
 
     def _resize_on_host(self, decoded: torch.Tensor, info, flips, fill: bool) -> torch.Tensor:
         """Decoded HWC RGB images (padded to the batch max) -> the CHW BGR batch the GPU graph gives: each
@@ -343,25 +455,25 @@ class CocoDaliLoader(DenseDaliLoader):
             images = self._resize_on_host(out["images"], info, flips, fill=mixing).to(self.device)
         else:
             images = out["images"]
-        ids = out["image_ids"].reshape(-1).tolist()
-        raw_boxes, raw_labels = out["boxes"], out["labels"].long()
+        index = out["index"].reshape(-1).tolist()
         # the mix works on the boxes on the host and hands them back on the images' device
         ann_device = torch.device("cpu") if mixing else images.device
-        boxes, labels, metas = [], [], []
+        boxes, labels, ignored, metas = [], [], [], []
         for i, (h, w, nh, nw) in enumerate(info):
-            keep = raw_labels[i] >= 0
-            lab = self._cat2label[raw_labels[i][keep]]
-            b = raw_boxes[i][keep].float()
+            k = index[i]
+            rows = slice(self._offsets[k], self._offsets[k + 1])
+            b, lab, ign = self._boxes[rows], self._labels[rows], self._ignore[rows]
+            # mmdet's Resize (HorizontalBoxes.rescale_ in float32, clip_ to the image) and RandomFlip (flip_)
             sx, sy = nw / w, nh / h
             b = b * torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
             b[:, 0::2] = b[:, 0::2].clamp(0, nw)
             b[:, 1::2] = b[:, 1::2].clamp(0, nh)
             if flips[i]:
                 b = torch.stack([nw - b[:, 2], b[:, 1], nw - b[:, 0], b[:, 3]], dim=1)
-            known = lab >= 0
-            boxes.append(b[known].to(ann_device, non_blocking=True))
-            labels.append(lab[known].to(ann_device, non_blocking=True))
-            meta = dict(img_id=ids[i], img_path=self._files.get(ids[i], ""), ori_shape=(h, w), img_shape=(nh, nw),
+            boxes.append(b[~ign].to(ann_device, non_blocking=True))  # PackDetInputs: ignore_flag 0 -> gt
+            labels.append(lab[~ign].to(ann_device, non_blocking=True))
+            ignored.append((b[ign].to(images.device, non_blocking=True), lab[ign].to(images.device, non_blocking=True)))
+            meta = dict(img_id=self._img_ids[k], img_path=self._files[k], ori_shape=(h, w), img_shape=(nh, nw),
                         scale_factor=(sx, sy))
             if self.train:
                 meta.update(flip=bool(flips[i]), flip_direction="horizontal" if flips[i] else None)
@@ -377,9 +489,10 @@ class CocoDaliLoader(DenseDaliLoader):
         else:
             inputs = [images[i, :, :m["img_shape"][0], :m["img_shape"][1]] for i, m in enumerate(metas)]
         samples = []
-        for meta, b, lab in zip(metas, boxes, labels):
+        for meta, b, lab, (ib, il) in zip(metas, boxes, labels, ignored):
             s = DetDataSample(metainfo=meta)
             s.gt_instances = InstanceData(bboxes=HorizontalBoxes(b), labels=lab)
-            s.ignored_instances = InstanceData(bboxes=HorizontalBoxes(b.new_zeros(0, 4)), labels=lab.new_zeros(0))
+            # crowd boxes, where mmdet's PackDetInputs puts them; the mix leaves them where they were
+            s.ignored_instances = InstanceData(bboxes=HorizontalBoxes(ib), labels=il)
             samples.append(s)
         return {"inputs": inputs, "data_samples": samples}

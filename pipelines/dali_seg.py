@@ -154,21 +154,22 @@ def seg_augment(encoded, encoded_seg, *, train: bool, scale, ratio_range, crop, 
 
 
 @pipeline_def(enable_checkpointing=True)
-def ade_pipeline(image_files: Sequence[str], label_files: Sequence[str], scale=(2048, 512), ratio_range=(0.5, 2.0),
-                 crop=(512, 512), flip_prob: float = 0.5, photometric: bool = True, seg_fill: int = 0,
-                 reader_seed: int = 0, shard_id: int = 0, num_shards: int = 1, gpu: bool = False,
-                 is_training: bool = False, host_augment: bool = False):
+def ade_pipeline(image_files: Sequence[str], label_files: Sequence[str], indices: Optional[Sequence[int]] = None,
+                 scale=(2048, 512), ratio_range=(0.5, 2.0), crop=(512, 512), flip_prob: float = 0.5,
+                 photometric: bool = True, seg_fill: int = 0, reader_seed: int = 0, shard_id: int = 0,
+                 num_shards: int = 1, gpu: bool = False, is_training: bool = False, host_augment: bool = False):
     """Matched image / label-map lists -> ``(images, seg, info, flip, index, seg_index)``.
 
-    Call with DALI's pipeline arguments too. ``seg_fill`` pads label maps to the batch maximum (0 with
+    Call with DALI's pipeline arguments too. The readers read pair ``i`` for each ``i`` of ``indices``
+    (default: every pair once) and return ``i``. ``seg_fill`` pads label maps to the batch maximum (0 with
     ``reduce_zero_label``, which maps it to 255 afterwards; else 255). Both readers get ``reader_seed``
     so they shuffle alike; the loader checks ``index == seg_index``.
     """
-    indices = list(range(len(image_files)))
+    indices = list(range(len(image_files))) if indices is None else [int(i) for i in indices]
     common = dict(labels=indices, shard_id=shard_id, num_shards=num_shards, random_shuffle=is_training,
                   seed=reader_seed, pad_last_batch=not is_training, stick_to_shard=not is_training)
-    encoded, index = fn.readers.file(files=list(image_files), name="reader", **common)
-    encoded_seg, seg_index = fn.readers.file(files=list(label_files), name="seg_reader", **common)
+    encoded, index = fn.readers.file(files=[image_files[i] for i in indices], name="reader", **common)
+    encoded_seg, seg_index = fn.readers.file(files=[label_files[i] for i in indices], name="seg_reader", **common)
     image, seg, info, flip = seg_augment(encoded, encoded_seg, train=is_training, scale=scale, ratio_range=ratio_range,
                                          crop=crop, flip_prob=flip_prob, photometric=photometric,
                                          seg_fill=seg_fill, gpu=gpu, host_augment=host_augment)
@@ -205,6 +206,7 @@ class ADE20KDaliLoader(DenseDaliLoader):
         self.host_augment = self._device_id is None if host_augment is None else bool(host_augment)
         self.cat_max_ratio = float(cat_max_ratio)
         self.image_files, self.label_files = ade_pairs(img_dir, ann_dir, img_suffix, seg_suffix)
+        self._num_samples = len(self.image_files)
         self.source = str(img_dir)
         self.scale, self.ratio_range, self.crop = tuple(scale), tuple(ratio_range), tuple(crop)
         self.flip_prob, self.photometric, self.reduce_zero_label = float(flip_prob), photometric, reduce_zero_label
@@ -212,6 +214,9 @@ class ADE20KDaliLoader(DenseDaliLoader):
                                     cat_max_ratio=self.cat_max_ratio, flip_prob=self.flip_prob,
                                     photometric=photometric, reduce_zero_label=reduce_zero_label)
         self._iterator = self._build()
+
+    def source_files(self) -> list[str]:
+        return [*self.image_files, *self.label_files]
 
     def _pipeline(self, checkpoint):
         from .seeds import derive_seed

@@ -26,10 +26,34 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# The first COCO categories, by their real ids and names (mmdet selects categories by name).
-COCO_CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
-                   {"id": 2, "name": "bicycle", "supercategory": "vehicle"},
-                   {"id": 3, "name": "car", "supercategory": "vehicle"}]
+# COCO's 80 detection categories: real ids (1..90 with gaps) and names, in the file's order.
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush")
+COCO_IDS = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
+            *range(84, 91))
+COCO_NAME_OF = dict(zip(COCO_IDS, COCO_NAMES))
+
+
+def coco_categories(*ids: int) -> list[dict]:
+    """The ``categories`` entries of COCO's real category ``ids`` (real names), e.g. ``coco_categories(1, 18,
+    44)`` = person, dog, bottle; no ids: all 80, as a real COCO file lists them. mmdet selects categories by
+    name and labels each by its position among the selected ones in the file's order, so a file that lists
+    all 80 gets the labels of real COCO (dog 16, bottle 39)."""
+    return [{"id": i, "name": COCO_NAME_OF[i], "supercategory": "thing"} for i in (ids or COCO_IDS)]
+
+
+# The categories of the fixtures' boxes: real COCO ids with gaps (person 1, dog 18, bottle 44), so a loader
+# that renumbers ids to 1..N, or reads an index as an id, gives the wrong class.
+BOX_IDS = (1, 18, 44)
+COCO_CATEGORIES = coco_categories(*BOX_IDS)
 
 
 def _background(rng, h, w) -> np.ndarray:
@@ -40,8 +64,13 @@ def _colour(label: int) -> np.ndarray:
     return np.array([label * 97 % 256, label * 53 % 256, 255 - label * 31 % 256], dtype=np.uint8)
 
 
-def write_coco(root: Path, train: int = 4, val: int = 2, size=(320, 320), seed: int = 0) -> Path:
-    """COCO 2017 layout with ``train`` / ``val`` images of ``size`` (h, w), 1-3 boxes each (>= 40 px)."""
+def write_coco(root: Path, train: int = 4, val: int = 2, size=(320, 320), seed: int = 0, categories=None,
+               use=BOX_IDS) -> Path:
+    """COCO 2017 layout with ``train`` / ``val`` images of ``size`` (h, w), 1-3 boxes each (>= 40 px). The
+    files list ``categories`` (:func:`coco_categories`; default COCO's 80, as the real files); the boxes
+    are of those whose ids are in ``use`` (default :data:`BOX_IDS`; None: all listed)."""
+    categories = coco_categories() if categories is None else categories
+    drawn = [c for c in categories if use is None or c["id"] in use]
     rng = np.random.default_rng(seed)
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -54,7 +83,7 @@ def write_coco(root: Path, train: int = 4, val: int = 2, size=(320, 320), seed: 
             h, w = size
             img = _background(rng, h, w)
             for _ in range(int(rng.integers(1, 4))):
-                cat = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
+                cat = drawn[int(rng.integers(len(drawn)))]
                 bw, bh = int(rng.integers(40, w // 2)), int(rng.integers(40, h // 2))
                 x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
                 img[y:y + bh, x:x + bw] = _colour(cat["id"])
@@ -66,7 +95,7 @@ def write_coco(root: Path, train: int = 4, val: int = 2, size=(320, 320), seed: 
             Image.fromarray(img).save(root / split / name, quality=95)
             images.append({"id": image_id, "file_name": name, "height": h, "width": w})
         doc = {"info": {"description": "rmix tiny COCO", "version": "1.0", "year": 2017},
-               "licenses": [], "images": images, "annotations": annotations, "categories": COCO_CATEGORIES}
+               "licenses": [], "images": images, "annotations": annotations, "categories": list(categories)}
         kind = split.replace("2017", "")
         (root / "annotations" / f"instances_{kind}2017.json").write_text(json.dumps(doc))
     return root
@@ -94,6 +123,15 @@ def write_ade20k(root: Path, train: int = 4, val: int = 2, size=(256, 320), seed
             Image.fromarray(img).save(base / "images" / split / f"{name}.jpg", quality=95)
             Image.fromarray(label).save(base / "annotations" / split / f"{name}.png")
     return base
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torchrun rendezvous (no fixed port: parallel runs collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- is the OpenMMLab stack here? (under CI it must be: `make test` runs `make setup-mm`) ----------

@@ -22,13 +22,14 @@ pytest.importorskip("nvidia.dali")
 mmdet = pytest.importorskip("mmdet")
 pytest.importorskip("mmseg")
 
-from mm_fixtures import COCO_CATEGORIES, _colour, own_singletons, write_ade20k, write_coco  # noqa: E402
+from mm_fixtures import (COCO_CATEGORIES, COCO_NAMES, _colour, coco_categories, own_singletons,  # noqa: E402
+                         write_ade20k, write_coco)
 from pipelines.dali_det import CocoDaliLoader  # noqa: E402
 from pipelines.dali_seg import ADE20KDaliLoader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "trainers" / "mm" / "configs"
-CLASSES = ("person", "bicycle", "car")
+CLASSES = tuple(c["name"] for c in COCO_CATEGORIES)  # person, dog, bottle: ids 1, 18, 44
 
 
 def write_coco_disjoint(root: Path, n: int = 6, size=(240, 320), seed: int = 0) -> Path:
@@ -66,10 +67,10 @@ def data(tmp_path_factory):
             "ade": write_ade20k(tmp / "ade", train=5, val=3)}
 
 
-def coco_loader(root, split="train", **kw):
+def coco_loader(root, split="train", classes=CLASSES, **kw):
     kw.setdefault("device", "cpu")
     kw.setdefault("train", split == "train")
-    return CocoDaliLoader(root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json", CLASSES, **kw)
+    return CocoDaliLoader(root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json", classes, **kw)
 
 
 def ade_loader(base, split="training", **kw):
@@ -120,10 +121,155 @@ def test_labels_and_boxes_match_mmdet_annotations(data):
             sx, sy = s.scale_factor
             want = [[a["bbox"][0] * sx, a["bbox"][1] * sy, (a["bbox"][0] + a["bbox"][2]) * sx,
                      (a["bbox"][1] + a["bbox"][3]) * sy] for a in doc["annotations"] if a["image_id"] == s.img_id]
-            labels = [a["category_id"] - 1 for a in doc["annotations"] if a["image_id"] == s.img_id]
+            names = {c["id"]: c["name"] for c in doc["categories"]}
+            labels = [CLASSES.index(names[a["category_id"]]) for a in doc["annotations"] if a["image_id"] == s.img_id]
             assert torch.allclose(s.gt_instances.bboxes.tensor, torch.tensor(want), atol=1e-3)
             assert s.gt_instances.labels.tolist() == labels
     assert sorted(seen) == sorted(im["id"] for im in doc["images"])
+
+
+# -- annotations are mmdet's ------------------------------------------------------------------------
+
+SPARSE_IDS = (1, 3, 18, 44, 62)  # person, car, dog, bottle, chair: real COCO ids with gaps
+
+
+def write_coco_oddities(root: Path) -> Path:
+    """COCO layout (real ids 1, 3, 18, 44, 62) plus, in both splits, what mmdet's rules drop or keep:
+    on the first image a box wholly outside it (x=5000), one under 1 px wide, one with area 0, one of a
+    category the file does not list and one marked ``ignore``; and three more images: one whose only
+    annotation is of that unlisted category, one whose only annotation is a crowd, one 24x24 (under
+    ``min_size=32``) with a valid box."""
+    root = write_coco(root, train=4, val=3, size=(240, 320), categories=coco_categories(*SPARSE_IDS), use=None)
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}2017.json"
+        doc = json.loads(path.read_text())
+        first = doc["images"][0]["id"]
+        next_img = 1000 * (1 + (split == "val"))
+
+        def ann(image_id, category_id, bbox, **kw):
+            a = {"id": len(doc["annotations"]) + 10_000, "image_id": image_id, "category_id": category_id,
+                 "bbox": bbox, "area": float(bbox[2] * bbox[3]), "iscrowd": 0, **kw}
+            doc["annotations"].append(a)
+
+        ann(first, 18, [5000, 10, 40, 40])
+        ann(first, 44, [10, 10, 0.5, 30])
+        ann(first, 62, [10, 10, 40, 40], area=0.0)
+        ann(first, 999, [20, 20, 40, 40])
+        ann(first, 3, [30, 30, 40, 40], ignore=True)
+        for k, (size, cat, kw) in enumerate([((240, 320), 999, {}), ((240, 320), 1, {"iscrowd": 1}),
+                                             ((24, 24), 3, {})]):
+            image_id = next_img + k
+            name = f"{image_id:012d}.jpg"
+            Image.fromarray(np.full((*size, 3), 120, np.uint8)).save(root / f"{split}2017" / name, quality=95)
+            doc["images"].append({"id": image_id, "file_name": name, "height": size[0], "width": size[1]})
+            ann(image_id, cat, [2, 2, 20, 20], **kw)
+        path.write_text(json.dumps(doc))
+    return root
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    return write_coco_oddities(tmp_path_factory.mktemp("odd") / "coco")
+
+
+def stock_det_samples(root: Path, split: str, train: bool, classes=None) -> dict:
+    """img_id -> the DetDataSample mmdet's own CocoDataset and transforms make (ATSS's filter in training)."""
+    from mmdet.datasets import CocoDataset
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    pipeline = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
+                dict(type="Resize", scale=(1333, 800), keep_ratio=True),
+                dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
+    ds = CocoDataset(data_root=str(root), ann_file=f"annotations/instances_{split}2017.json",
+                     data_prefix=dict(img=f"{split}2017/"), metainfo=None if classes is None else dict(classes=classes),
+                     filter_cfg=dict(filter_empty_gt=True, min_size=32) if train else None, test_mode=not train,
+                     pipeline=pipeline)
+    return {d["data_samples"].img_id: d["data_samples"] for d in (ds[i] for i in range(len(ds)))}
+
+
+def our_det_samples(root: Path, split: str, train: bool, classes=None) -> dict:
+    """img_id -> our loader's DetDataSample (no flip, one epoch)."""
+    loader = coco_loader(root, split, train=train, batch_size=1, flip_prob=0.0, classes=classes or COCO_NAMES)
+    return {s.img_id: s for b in loader for s in b["data_samples"]}
+
+
+def assert_same_annotations(ours: dict, stock: dict) -> None:
+    assert sorted(ours) == sorted(stock)  # the same images (mmdet's training filter)
+    for img_id, want in stock.items():
+        got = ours[img_id]
+        assert got.img_shape == want.img_shape and got.img_path == want.img_path
+        for key in ("gt_instances", "ignored_instances"):
+            a, b = got.get(key), want.get(key)
+            assert torch.equal(a.labels, b.labels), (img_id, key, a.labels, b.labels)
+            assert torch.allclose(a.bboxes.tensor, b.bboxes.tensor), (img_id, key)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("classes", [None, ("person", "dog", "chair")], ids=["coco80", "subset"])
+def test_labels_are_mmdets_on_real_coco_ids(tmp_path, train, classes):
+    """A file listing COCO's 80 categories, boxes of 1, 3, 18, 44, 62 (person, car, dog, bottle, chair): per
+    image, our labels and boxes are what mmdet's own CocoDataset + pipeline give on the same file, with
+    COCO's 80 classes and with a subset (the other categories dropped), in training and in evaluation."""
+    root = write_coco(tmp_path / "coco", train=6, val=4, size=(240, 320), use=SPARSE_IDS)
+    split = "train" if train else "val"
+    stock = stock_det_samples(root, split, train, classes)
+    ours = our_det_samples(root, split, train, classes)
+    assert_same_annotations(ours, stock)
+    labels = torch.cat([s.gt_instances.labels for s in ours.values()]).tolist()
+    # COCO's 80: person 0, car 2, dog 16, bottle 39, chair 56; the subset: by its order in the file
+    assert set(labels) <= ({0, 2, 16, 39, 56} if classes is None else {0, 1, 2}) and len(set(labels)) >= 3, labels
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_box_and_image_rules_are_mmdets(odd, train):
+    """mmdet drops a box outside the image, one under 1 px, one of area 0, one of an unlisted category and one
+    marked ignore; puts a crowd box in ignored_instances; in training skips an image whose only annotation is
+    of an unlisted category and an image under min_size, and keeps a crowd-only image. Ours does the same."""
+    split = "train" if train else "val"
+    stock = stock_det_samples(odd, split, train)
+    ours = our_det_samples(odd, split, train)
+    assert_same_annotations(ours, stock)
+    base = 1000 * (1 + (not train))
+    first = min(ours)
+    assert (base in ours) == (base + 2 in ours) == (not train)  # unlisted-category-only and 24x24 images
+    crowd = ours[base + 1]
+    assert len(crowd.gt_instances) == 0 and len(crowd.ignored_instances) == 1
+    w = ours[first].img_shape[1]
+    boxes = ours[first].gt_instances.bboxes.tensor
+    assert ((boxes[:, 2] - boxes[:, 0]) > 1).all() and (boxes[:, 0] < w).all()  # no degenerate box kept
+
+
+def test_annotation_without_bbox_is_refused_in_one_line(tmp_path):
+    """mmdet's CocoDataset fails on an annotation without ``bbox`` (KeyError); ours refuses it in one line
+    naming the annotation, directly and through the mmengine wiring."""
+    from mmdet.datasets import CocoDataset
+
+    from trainers.mm.dali_loop import DaliLoaderError, build_mm_loader
+
+    root = write_coco(tmp_path / "coco", train=3, val=1, size=(240, 320), use=SPARSE_IDS)
+    path = root / "annotations" / "instances_train2017.json"
+    doc = json.loads(path.read_text())
+    bad = doc["annotations"][1]
+    del bad["bbox"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeyError, match="bbox"):
+        CocoDataset(data_root=str(root), ann_file="annotations/instances_train2017.json",
+                    data_prefix=dict(img="train2017/"), pipeline=[])
+    want = rf"instances_train2017.json: annotation {bad['id']} \(image {bad['image_id']}\) has no 'bbox'"
+    with pytest.raises(ValueError, match=want) as e:
+        coco_loader(root, "train", batch_size=1)
+    assert "\n" not in str(e.value)
+    cfg = dict(batch_size=1, dataset=dict(type="CocoDataset", data_root=str(root) + "/",
+                                          ann_file="annotations/instances_train2017.json",
+                                          data_prefix=dict(img="train2017/"),
+                                          filter_cfg=dict(filter_empty_gt=True, min_size=32),
+                                          pipeline=[dict(type="LoadImageFromFile"),
+                                                    dict(type="LoadAnnotations", with_bbox=True),
+                                                    dict(type="Resize", scale=(1333, 800), keep_ratio=True),
+                                                    dict(type="PackDetInputs")]))
+    with pytest.raises(DaliLoaderError, match=want):
+        build_mm_loader(cfg, train=True, device="cpu")
 
 
 def _eroded_same(label: np.ndarray) -> np.ndarray:
@@ -191,19 +337,60 @@ def test_eval_label_maps_are_the_original_reduced(data):
 
 # -- DDP, resume ------------------------------------------------------------------------------------
 
-def test_eval_is_exact_once_across_two_ranks(data):
-    for make, key, n in ((lambda r: coco_loader(data["coco"], "val", batch_size=2, rank=r, world_size=2), "img_id", 3),
-                         (lambda r: ade_loader(data["ade"], "validation", batch_size=2, rank=r, world_size=2),
-                          "img_path", 3)):
-        per_rank = []
-        for rank in (0, 1):
-            loader = make(rank)
+def mmengine_gather(per_rank: list, size: int) -> list:
+    """What mmengine's ``collect_results`` makes of the ranks' result lists: interleaved (each rank's first,
+    then each rank's second, ...), cut at the shortest rank, then the first ``size`` (``len(dataset)``)."""
+    return [r for group in zip(*per_rank) for r in group][:size]
+
+
+@pytest.fixture(scope="module")
+def seven(tmp_path_factory):
+    """7 small validation images in each layout (and no training images)."""
+    tmp = tmp_path_factory.mktemp("seven")
+    return {"coco": write_coco(tmp / "coco", train=0, val=7, size=(96, 128)),
+            "ade": write_ade20k(tmp / "ade", train=0, val=7, size=(96, 128))}
+
+
+def _subset_splits(data, tmp: Path, n: int) -> tuple[Path, Path]:
+    """(COCO annotation file, ADE20K folder root) holding the first ``n`` validation images of ``data``."""
+    coco = data["coco"]
+    doc = json.loads((coco / "annotations" / "instances_val2017.json").read_text())
+    keep = doc["images"][:n]
+    ids = {im["id"] for im in keep}
+    sub = dict(doc, images=keep, annotations=[a for a in doc["annotations"] if a["image_id"] in ids])
+    ann = tmp / f"instances_val_{n}.json"
+    ann.write_text(json.dumps(sub))
+    ade = tmp / f"ade_{n}"
+    for kind, ext in (("images", ".jpg"), ("annotations", ".png")):
+        (ade / kind / "validation").mkdir(parents=True)
+        for src in sorted((data["ade"] / kind / "validation").glob("*" + ext))[:n]:
+            (ade / kind / "validation" / src.name).symlink_to(src)
+    return ann, ade
+
+
+@pytest.mark.parametrize("n, world_size, batch_size", [(3, 2, 1), (3, 2, 2), (7, 3, 2), (4, 2, 2), (1, 2, 1),
+                                                        (2, 4, 1), (7, 4, 3)])
+def test_eval_counts_every_image_once_across_ranks(seven, tmp_path, n, world_size, batch_size):
+    """Under DDP every rank yields the same number of batches and samples, and what mmengine's evaluator
+    gathers from them is every validation image exactly once, for counts that do not divide by the world
+    size and for fewer images than ranks (mmengine's DefaultSampler layout)."""
+    ann, ade = _subset_splits(seven, tmp_path, n)
+    makers = {"img_id": lambda r, w, b: CocoDaliLoader(seven["coco"] / "val2017", ann, CLASSES, batch_size=b,
+                                                        train=False, device="cpu", rank=r, world_size=w),
+              "img_path": lambda r, w, b: ade_loader(ade, "validation", batch_size=b, rank=r, world_size=w)}
+    for key, make in makers.items():
+        everything = sorted(s.metainfo[key] for b in make(0, 1, 1) for s in b["data_samples"])
+        assert len(set(everything)) == n
+        per_rank, lengths = [], set()
+        for rank in range(world_size):
+            loader = make(rank, world_size, batch_size)
             assert loader.num_samples == n
             epochs = [[s.metainfo[key] for b in loader for s in b["data_samples"]] for _ in range(2)]
-            assert epochs[0] == epochs[1]  # the next epoch reads the same shard again
+            assert epochs[0] == epochs[1]  # the next epoch reads the same samples again
             per_rank.append(epochs[0])
-        both = per_rank[0] + per_rank[1]
-        assert len(both) == n and len(set(both)) == n
+            lengths.add((len(loader), len(epochs[0])))
+        assert len(lengths) == 1, (key, lengths)  # same batch and sample counts on every rank
+        assert sorted(mmengine_gather(per_rank, n)) == everything, (key, per_rank)
 
 
 def _signature(batch):
@@ -292,7 +479,7 @@ def test_dense_rm_pastes_history_into_the_padded_batch(data):
 ATSS_TINY = """
 _base_ = '{base}'
 img_scale = (320, 320)
-metainfo = dict(classes=('person', 'bicycle', 'car'))
+metainfo = dict(classes=('person', 'dog', 'bottle'))
 train_pipeline = [
     dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
     dict(type='Resize', scale=img_scale, keep_ratio=True), dict(type='RandomFlip', prob=0.5),
@@ -396,13 +583,33 @@ def test_eval_batches_equal_the_stock_loader(data, tmp_path, task):
                 assert torch.equal(sa.gt_sem_seg.data, sb.gt_sem_seg.data)
 
 
-def test_fewer_images_than_ranks_is_one_line(data):
-    """DALI's reader asserts in many lines when a split has fewer images than ranks: ours is one line naming it."""
-    for make in (lambda: coco_loader(data["coco"], "val", batch_size=1, rank=0, world_size=4),
-                 lambda: ade_loader(data["ade"], "validation", batch_size=1, rank=0, world_size=4)):
-        with pytest.raises(ValueError, match=r"(val2017|validation): 3 sample\(s\) for 4 ranks.*at most 3 ranks") as e:
+def test_fewer_training_images_than_ranks_is_one_line(data):
+    """DALI's reader asserts in many lines when a training split has fewer images than ranks: ours is one line
+    naming it. (Evaluation takes any count: test_eval_counts_every_image_once_across_ranks.)"""
+    for make in (lambda: coco_loader(data["coco"], "train", batch_size=1, rank=0, world_size=8),
+                 lambda: ade_loader(data["ade"], "training", batch_size=1, rank=0, world_size=8)):
+        with pytest.raises(ValueError, match=r"(train2017|training): 5 sample\(s\) for 8 ranks.*at most 5 ranks") as e:
             len(make())
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("task", ["det", "seg"])
+def test_undecodable_file_is_one_line_naming_it(tmp_path, task):
+    """A file in the folder that is not an image (here text named .jpg / .png): one line naming it, not
+    DALI's many lines that name neither the file nor the folder."""
+    if task == "det":
+        root = write_coco(tmp_path / "coco", train=0, val=3, size=(96, 128))
+        bad = root / "val2017" / "000000000002.jpg"
+        make = lambda: coco_loader(root, "val", batch_size=1)  # noqa: E731
+    else:
+        base = write_ade20k(tmp_path / "ade", train=0, val=3, size=(96, 128))
+        bad = base / "annotations" / "validation" / "ADE_val_00000002.png"
+        make = lambda: ade_loader(base, "validation", batch_size=1)  # noqa: E731
+    bad.write_text("<html>not an image</html>\n")
+    with pytest.raises(ValueError, match=rf"^{bad}: DALI cannot decode this file \(.+\); replace or remove it$") as e:
+        for _ in make():
+            pass
+    assert "\n" not in str(e.value)
 
 
 def test_unsupported_transform_is_one_line(data, tmp_path):

@@ -455,6 +455,56 @@ def test_upernet_under_torchrun_on_cpu(tmp_path, export):
     assert (tmp_path / "wd" / "iter_1.pth").is_file()
 
 
+def random_detector(cfg_path: Path, out: Path) -> Path:
+    """A checkpoint of the config's detector with seeded random weights, as mmengine saves one."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    register_all_modules(init_default_scope=False)
+    cfg = Config.fromfile(str(cfg_path))
+    cfg.model.backbone.init_cfg = None
+    torch.manual_seed(0)
+    torch.save({"meta": {}, "state_dict": MODELS.build(cfg.model).state_dict()}, out)
+    return out
+
+
+@needs_mm
+@pytest.mark.slow
+def test_dali_eval_under_torchrun_counts_every_image_once(tmp_path):
+    """`rmix mm test --loader dali` on 3 validation images: 2 CPU ranks (gloo) give the 1-rank run's metric and
+    its detections, for every image exactly once (mmengine's gather keeps as many results per rank as the
+    shortest rank has, and DALI's own sharding splits 3 images 1 + 2)."""
+    from mm_fixtures import free_port, write_coco
+
+    coco = write_coco(tmp_path / "coco", train=1, val=3, size=(320, 320))
+    cfg = _tiny_config(tmp_path, ATSS_TINY, ATSS)
+    ckpt = random_detector(cfg, tmp_path / "atss_random.pth")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread in both runs: the same float sums
+
+    def test(world: int):
+        prefix = tmp_path / f"dets_{world}"
+        args = ["-m", "tools.mm", "test", str(cfg), str(ckpt), "--data-root", str(coco), "--loader", "dali",
+                "--work-dir", str(tmp_path / f"wd{world}"), "--cfg-options", f"test_evaluator.outfile_prefix={prefix}"]
+        if world > 1:
+            args = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}", *args]
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert len(re.findall(r"^rmix mm test: ", r.stdout, flags=re.M)) == 1
+        dets = json.loads(Path(f"{prefix}.bbox.json").read_text())
+        return _final(r.stdout, "rmix mm test:"), sorted(dets, key=lambda d: (d["image_id"], -d["score"], d["bbox"]))
+
+    one, dets_one = test(1)
+    two, dets_two = test(2)
+    val_ids = {im["id"] for im in json.loads((coco / "annotations" / "instances_val2017.json").read_text())["images"]}
+    assert {d["image_id"] for d in dets_one} == val_ids
+    assert two == one
+    classes = [(d["image_id"], d["category_id"]) for d in dets_one]
+    assert [(d["image_id"], d["category_id"]) for d in dets_two] == classes
+    assert torch.allclose(torch.tensor([d["bbox"] + [d["score"]] for d in dets_two]),
+                          torch.tensor([d["bbox"] + [d["score"]] for d in dets_one]), atol=1e-4)
+
+
 @needs_mm
 @pytest.mark.slow
 def test_ddp_resume_gives_each_rank_its_own_dense_mix(tmp_path, export):

@@ -12,8 +12,9 @@ The loader arguments come from the config's own pipelines, so the two loaders do
 transform we do not implement is refused with one line that names it (use the stock loader for it):
 
 * detection (``CocoDataset``): ``LoadImageFromFile``, ``LoadAnnotations(with_bbox=True)``,
-  ``Resize(scale, keep_ratio=True)``, ``RandomFlip(prob)`` (horizontal), ``PackDetInputs``;
-  ``filter_cfg.filter_empty_gt`` is honoured for training (DALI's ``skip_empty``).
+  ``Resize(scale, keep_ratio=True)``, ``RandomFlip(prob)`` (horizontal), ``PackDetInputs``; the
+  annotations are parsed and filtered by mmdet's ``CocoDataset`` with the config's ``metainfo`` and
+  ``filter_cfg`` (:func:`pipelines.dali_det.mmdet_coco_samples`).
 * segmentation (``ADE20KDataset``): ``LoadImageFromFile``, ``LoadAnnotations(reduce_zero_label)``,
   ``RandomResize(scale, ratio_range, keep_ratio=True)``, ``Resize(scale, keep_ratio=True)``,
   ``RandomCrop(crop_size, cat_max_ratio)``, ``RandomFlip(prob)``, ``PhotoMetricDistortion``, ``PackSegInputs``
@@ -178,18 +179,18 @@ def build_mm_loader(loader_cfg, *, train: bool, device="auto", rank: int = 0, wo
         flip = t.get("RandomFlip")
         if flip is not None and flip.get("direction", "horizontal") != "horizontal":
             raise DaliLoaderError(f"--loader dali flips horizontally only, the config asks {flip.get('direction')!r}")
-        filter_empty = bool((ds.get("filter_cfg") or {}).get("filter_empty_gt", False))
-        if train and not filter_empty:
-            raise DaliLoaderError("--loader dali skips images without boxes in training (filter_empty_gt=True); "
-                                  "the config keeps them")
         mix = None
         if rm_alpha and train:
             from rmix.dense import DetRecursiveMix
             mix = DetRecursiveMix(alpha=rm_alpha, seed=mix_seed)
         metainfo = _metainfo(ds, "det")
-        loader = CocoDaliLoader(osp.join(root, prefix.get("img", "")), osp.join(root, ds["ann_file"]),
-                                metainfo["classes"], scale=tuple(resize["scale"]),
-                                flip_prob=float(flip.get("prob", 0.5)) if (flip and train) else 0.0, mix=mix, **common)
+        try:
+            loader = CocoDaliLoader(osp.join(root, prefix.get("img", "")), osp.join(root, ds["ann_file"]),
+                                    metainfo["classes"], filter_cfg=ds.get("filter_cfg"), scale=tuple(resize["scale"]),
+                                    flip_prob=float(flip.get("prob", 0.5)) if (flip and train) else 0.0, mix=mix,
+                                    **common)
+        except ValueError as e:  # an annotation file mmdet refuses, fewer training images than ranks: one line
+            raise DaliLoaderError(str(e)) from None
         return MMDaliLoader(loader, metainfo)
     if kind in SEG_TYPES:
         from pipelines.dali_seg import ADE20KDaliLoader
@@ -220,14 +221,17 @@ def build_mm_loader(loader_cfg, *, train: bool, device="auto", rank: int = 0, wo
             from rmix.dense import SegRecursiveMix
             mix = SegRecursiveMix(alpha=rm_alpha, seed=mix_seed)
         metainfo = _metainfo(ds, "seg")
-        loader = ADE20KDaliLoader(osp.join(root, prefix.get("img_path", "")),
-                                  osp.join(root, prefix.get("seg_map_path", "")), scale=tuple(resize["scale"]),
-                                  ratio_range=tuple(resize.get("ratio_range", (1.0, 1.0))),
-                                  crop=crop_size, flip_prob=float(flip.get("prob", 0.5)) if flip else 0.0,
-                                  photometric=photometric is not None, reduce_zero_label=bool(reduce),
-                                  cat_max_ratio=float(crop.get("cat_max_ratio", 1.0)) if crop else 1.0,
-                                  img_suffix=ds.get("img_suffix", ".jpg"), seg_suffix=ds.get("seg_map_suffix", ".png"),
-                                  mix=mix, **common)
+        try:
+            loader = ADE20KDaliLoader(osp.join(root, prefix.get("img_path", "")),
+                                      osp.join(root, prefix.get("seg_map_path", "")), scale=tuple(resize["scale"]),
+                                      ratio_range=tuple(resize.get("ratio_range", (1.0, 1.0))),
+                                      crop=crop_size, flip_prob=float(flip.get("prob", 0.5)) if flip else 0.0,
+                                      photometric=photometric is not None, reduce_zero_label=bool(reduce),
+                                      cat_max_ratio=float(crop.get("cat_max_ratio", 1.0)) if crop else 1.0,
+                                      img_suffix=ds.get("img_suffix", ".jpg"),
+                                      seg_suffix=ds.get("seg_map_suffix", ".png"), mix=mix, **common)
+        except ValueError as e:  # e.g. fewer training images than ranks: one line
+            raise DaliLoaderError(str(e)) from None
         return MMDaliLoader(loader, metainfo)
     raise DaliLoaderError(f"--loader dali reads {', '.join(DET_TYPES + SEG_TYPES)}, not {kind!r}")
 
