@@ -46,7 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -149,27 +151,34 @@ def main(argv: Optional[list] = None) -> int:
     runs: dict = {}
     background: dict = {}
     started: list = []
+
+    def write() -> dict:
+        """The report so far (a step not finished yet reads "not run"): if the machine ends this process, the
+        report of the steps that finished is there."""
+        report = merge(runs, ctx, steps)
+        (out / "gpu-check.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "gpu-check.md").write_text(markdown(report))
+        return report
+
     try:
         for name in steps:
+            if name not in BACKGROUND and name != "pytest":  # the steps after pytest need data
+                runs.update({k: step.finish() for k, step in background.items()})
+                background = {}
             started.append(_Step(name, ctx, boxes[name], deadline))
             if name in BACKGROUND:
                 background[name] = started[-1]
-                continue
-            if name != "pytest":
-                runs.update({k: step.finish() for k, step in background.items()})
-                background = {}
-            runs[name] = started[-1].finish()
+            else:
+                runs[name] = started[-1].finish()
+            write()
         runs.update({k: step.finish() for k, step in background.items()})
     except KeyboardInterrupt:  # the steps run in sessions of their own: Ctrl-C does not reach them
         for step in started:
             step.stop()
         raise
 
-    report = merge(runs, ctx, steps)
-    (out / "gpu-check.json").write_text(json.dumps(report, indent=1) + "\n")
-    summary = markdown(report)
-    (out / "gpu-check.md").write_text(summary)
-    print(summary, flush=True)
+    report = write()
+    print(markdown(report), flush=True)
     if not args.keep_work and not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if report["errors"] else 0
@@ -434,6 +443,7 @@ class Context:
         self.without = [w for w in raw["without"].split(",") if w]
         self.result_path = Path(raw["result"])
         self.result: dict = {"values": {}, "details": {}, "notes": []}
+        self.failures: list = []
         self._device = None
 
     @property
@@ -469,6 +479,18 @@ class Context:
         self.result["notes"].append(text)
         self.save()
 
+    @contextmanager
+    def part(self, label: str):
+        """One measurement of a step: an exception is recorded (with its traceback in the log) and the step
+        goes on with its next part; the step fails at its end."""
+        try:
+            yield
+        except Exception as e:
+            traceback.print_exc()
+            self.failures.append(f"{label}: {type(e).__name__}: {e}".strip())
+            self.result["error"] = "; ".join(self.failures)
+            self.save()
+
     def save(self) -> None:
         """Written after every measurement, so a step that dies later keeps what it measured."""
         tmp = self.result_path.with_suffix(".tmp")
@@ -491,13 +513,19 @@ def _step_main(argv: list) -> int:
     try:
         STEP_FUNCS[name](ctx)
     except BaseException as e:  # recorded with its traceback in the log; the parent reads the one line
-        import traceback
-
         traceback.print_exc()
-        ctx.result["error"] = f"{type(e).__name__}: {e}".strip()
+        ctx.failures.append(f"{type(e).__name__}: {e}".strip())
+        ctx.result["error"] = "; ".join(ctx.failures)
         ctx.save()
-        return 1
-    return 0
+    return 1 if ctx.failures else 0
+
+
+def nccl_version() -> str:
+    """NCCL's version as torch reports it (a tuple in recent releases, an int in older ones)."""
+    import torch
+
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
 def step_env(ctx: Context) -> None:
@@ -514,7 +542,7 @@ def step_env(ctx: Context) -> None:
     ctx.value("cuda_version", torch.version.cuda)
     versions = {"python": platform.python_version(), "torchvision": torchvision.__version__,
                 "cudnn": torch.backends.cudnn.version() if cuda else None,
-                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None, "cores": ctx.cores}
+                "nccl": nccl_version() if cuda else None, "cores": ctx.cores}
     ctx.detail("versions", versions)
     for pkg in ("ffcv", "mmdet", "mmseg", "webdataset"):  # found, not imported (ffcv's import alone takes seconds)
         versions[pkg] = sys.modules.get(pkg, True) is not None and importlib.util.find_spec(pkg) is not None
@@ -661,36 +689,39 @@ def step_dali(ctx: Context) -> None:
         return build_loader(data["imagenet"], "train", backend="dali", batch_size=s.batch, train=True, device=device,
                             mix=mix, num_workers=ctx.cores, seed=seed)
 
-    jobs = {"off": _epochs(loader_epochs(dali(dev)), s.dali_epochs),
-            "recursive_mix": _epochs(loader_epochs(dali(dev, RecursiveMix(0.5, seed=0))), s.dali_epochs)}
-    cells = measure_side_by_side(jobs, s.repeats, dev)
-    del jobs
-    mid, lo, hi = paired(cells["recursive_mix"], cells["off"])
-    ctx.value("dali_mixed_img_s", {"off": cells["off"].per_s, "recursive_mix": cells["recursive_mix"].per_s})
-    ctx.detail("rm_keeps", {"median": mid, "min": lo, "max": hi, "rounds": s.repeats})
-    ctx.detail("device_rows", {k: _timing(t) for k, t in cells.items()})
-    ctx.detail("cpu_threads", ctx.cores)
+    with ctx.part("device loader"):
+        jobs = {"off": _epochs(loader_epochs(dali(dev)), s.dali_epochs),
+                "recursive_mix": _epochs(loader_epochs(dali(dev, RecursiveMix(0.5, seed=0))), s.dali_epochs)}
+        cells = measure_side_by_side(jobs, s.repeats, dev)
+        del jobs
+        mid, lo, hi = paired(cells["recursive_mix"], cells["off"])
+        ctx.value("dali_mixed_img_s", {"off": cells["off"].per_s, "recursive_mix": cells["recursive_mix"].per_s})
+        ctx.detail("rm_keeps", {"median": mid, "min": lo, "max": hi, "rounds": s.repeats})
+        ctx.detail("device_rows", {k: _timing(t) for k, t in cells.items()})
 
-    # one batch of the device decode against the CPU decode of the same crops (same seed, no mix)
-    a, b = next(iter(dali(dev, seed=3))), next(iter(dali("cpu", seed=3)))
-    gap = decode_gap(a.images, b.images, IMAGENET_STD)
-    gap["labels_equal"] = bool(torch.equal(a.labels.cpu(), b.labels))
-    ctx.detail("decode_vs_cpu_levels", gap)
-    del a, b
+    with ctx.part("decode difference"):  # one batch of the device decode against the CPU decode of the same crops
+        a, b = next(iter(dali(dev, seed=3))), next(iter(dali("cpu", seed=3)))
+        gap = decode_gap(a.images, b.images, IMAGENET_STD)
+        gap["labels_equal"] = bool(torch.equal(a.labels.cpu(), b.labels))
+        ctx.detail("decode_vs_cpu_levels", gap)
+        del a, b
 
-    cpu = measure(loader_epochs(dali("cpu")), max(1, s.repeats - 2), "cpu")
-    ctx.value("dali_cpu_img_s", cpu.per_s)
-    ctx.detail("cpu_row", _timing(cpu))
+    with ctx.part("CPU loader"):
+        ctx.detail("cpu_threads", ctx.cores)
+        cpu = measure(loader_epochs(dali("cpu")), max(1, s.repeats - 2), "cpu")
+        ctx.value("dali_cpu_img_s", cpu.per_s)
+        ctx.detail("cpu_row", _timing(cpu))
 
     def memory(mix=None):
         return build_loader(data["cifar"], "train", backend="memory", batch_size=s.memory_batch, train=True,
                             device=dev, mix=mix, num_workers=ctx.cores)
 
-    jobs = {"off": _epochs(loader_epochs(memory()), s.memory_epochs),
-            "recursive_mix": _epochs(loader_epochs(memory(RecursiveMix(0.5, seed=0))), s.memory_epochs)}
-    cells = measure_side_by_side(jobs, s.repeats, dev)
-    ctx.value("memory_cuda_img_s", cells["off"].per_s)
-    ctx.detail("memory_rows", {k: _timing(t) for k, t in cells.items()})
+    with ctx.part("memory loader"):
+        jobs = {"off": _epochs(loader_epochs(memory()), s.memory_epochs),
+                "recursive_mix": _epochs(loader_epochs(memory(RecursiveMix(0.5, seed=0))), s.memory_epochs)}
+        cells = measure_side_by_side(jobs, s.repeats, dev)
+        ctx.value("memory_cuda_img_s", cells["off"].per_s)
+        ctx.detail("memory_rows", {k: _timing(t) for k, t in cells.items()})
 
 
 # -- RecursiveMix alone ------------------------------------------------------------------------------------------
@@ -732,21 +763,23 @@ def step_rm(ctx: Context) -> None:
     logits = torch.zeros(n, k, device=dev)
     rows = {}
     for dtype in ("uint8", "float32"):
-        # as inside a loader: each batch a tensor of its own (three in turn), the history borrowed, not copied
-        if dtype == "uint8":
-            batches = [torch.randint(0, 256, s.rm_shape, dtype=torch.uint8, device=dev, generator=g) for _ in range(3)]
-        else:
-            batches = [torch.rand(s.rm_shape, device=dev, generator=g) for _ in range(3)]
-        mix = RecursiveMix(0.5, num_classes=k, seed=0)
-        mix.borrow_batches()
+        with ctx.part(dtype):
+            # as inside a loader: each batch a tensor of its own (three in turn), the history borrowed, not copied
+            if dtype == "uint8":
+                batches = [torch.randint(0, 256, s.rm_shape, dtype=torch.uint8, device=dev, generator=g)
+                           for _ in range(3)]
+            else:
+                batches = [torch.rand(s.rm_shape, device=dev, generator=g) for _ in range(3)]
+            mix = RecursiveMix(0.5, num_classes=k, seed=0)
+            mix.borrow_batches()
 
-        def call(i: int) -> None:
-            mix(batches[i % 3], labels)
-            mix.record_logits(logits)
+            def call(i: int) -> None:
+                mix(batches[i % 3], labels)
+                mix.record_logits(logits)
 
-        rows[dtype] = time_mix(call, s.rm_iters, dev)
-    ctx.value("rm_ms_per_batch", {k_: v["ms"] for k_, v in rows.items()})
-    ctx.detail("rows", rows)
+            rows[dtype] = time_mix(call, s.rm_iters, dev)
+            ctx.value("rm_ms_per_batch", {k_: v["ms"] for k_, v in rows.items()})
+            ctx.detail("rows", rows)
     ctx.detail("timer", "CUDA events" if dev.type == "cuda" else "host clock")
 
 
@@ -757,7 +790,7 @@ def have_mm() -> Optional[str]:
         import mmdet  # noqa: F401
         import mmseg  # noqa: F401
         from mmcv.ops import nms  # noqa: F401
-    except ImportError as e:
+    except Exception as e:  # ImportError, or mmdet's assertion on the mmcv version it finds
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -778,19 +811,20 @@ def step_dense(ctx: Context) -> None:
         return
     rows, stock = {}, {}
     for task, root in roots.items():
-        jobs = {}
-        for rm in (False, True):
-            loader = dali_loader(task, root, s.dense_batch, ctx.cores, dev, make_mix(task, rm))
-            jobs["dali", rm] = _epochs(epoch_job(loader, task), s.dense_epochs)
-            jobs["stock", rm] = _epochs(epoch_job(stock_loader(task, root, s.dense_batch, min(ctx.cores, 8)), task,
-                                                  make_mix(task, rm), dev), s.dense_epochs)
-        cells = measure_side_by_side(jobs, s.repeats, dev)
-        del jobs
-        for (kind, rm), t in cells.items():
-            (rows if kind == "dali" else stock)[f"{task}_{'rm' if rm else 'off'}"] = t.per_s
-        ctx.value("dense_img_s", dict(rows))
-        ctx.detail("stock_img_s", dict(stock))
-        ctx.detail(f"{task}_rows", {f"{k[0]}_{'rm' if k[1] else 'off'}": _timing(t) for k, t in cells.items()})
+        with ctx.part(task):
+            jobs = {}
+            for rm in (False, True):
+                loader = dali_loader(task, root, s.dense_batch, ctx.cores, dev, make_mix(task, rm))
+                jobs["dali", rm] = _epochs(epoch_job(loader, task), s.dense_epochs)
+                stock_rows = stock_loader(task, root, s.dense_batch, min(ctx.cores, 8))
+                jobs["stock", rm] = _epochs(epoch_job(stock_rows, task, make_mix(task, rm), dev), s.dense_epochs)
+            cells = measure_side_by_side(jobs, s.repeats, dev)
+            del jobs
+            for (kind, rm), t in cells.items():
+                (rows if kind == "dali" else stock)[f"{task}_{'rm' if rm else 'off'}"] = t.per_s
+            ctx.value("dense_img_s", dict(rows))
+            ctx.detail("stock_img_s", dict(stock))
+            ctx.detail(f"{task}_rows", {f"{k[0]}_{'rm' if k[1] else 'off'}": _timing(t) for k, t in cells.items()})
 
 
 def dense_without_mm(ctx: Context, roots: dict) -> None:
@@ -805,37 +839,44 @@ def dense_without_mm(ctx: Context, roots: dict) -> None:
     s, dev = ctx.sizes, ctx.device
     graph = {}
     for task, root in roots.items():
-        loader = dali_loader(task, root, s.dense_batch, ctx.cores, dev, None)
-        iterator = getattr(loader, "iterator", None)
-        if iterator is None:
-            ctx.note(f"{task}: the loader shows no DALI iterator; its graph is not timed alone")
-            continue
+        with ctx.part(f"{task} graph"):
+            loader = dali_loader(task, root, s.dense_batch, ctx.cores, dev, None)
+            iterator = getattr(loader, "iterator", None)
+            if iterator is None:
+                ctx.note(f"{task}: the loader shows no DALI iterator; its graph is not timed alone")
+                continue
 
-        def run(it=iterator) -> int:
-            return sum(out[0]["images"].shape[0] for out in it)
+            def run(it=iterator) -> int:
+                return sum(out[0]["images"].shape[0] for out in it)
 
-        graph[task] = measure(_epochs(run, s.dense_epochs), s.repeats, dev).per_s
-        ctx.detail("graph_img_s", graph)
-        del loader, iterator
+            graph[task] = measure(_epochs(run, s.dense_epochs), s.repeats, dev).per_s
+            ctx.detail("graph_img_s", graph)
+            del loader, iterator
     # the mixes alone, on device batches of the loaders' padded shapes at ATSS's / UPerNet's sizes (uint8
     # images; detection boxes on the host, as the loader hands them over; label maps on the device)
     n = s.dense_batch
     det_hw, seg_hw = ((128, 160), (64, 64)) if ctx.raw["tiny"] else ((800, 1088), (512, 512))
     g = torch.Generator().manual_seed(0)
-    det_images = [torch.randint(0, 256, (n, 3, *det_hw), dtype=torch.uint8, generator=g).to(dev) for _ in range(3)]
-    h, w = det_hw
-    boxes = [torch.tensor([[0.1 * w, 0.1 * h, 0.4 * w, 0.5 * h], [0.5 * w, 0.3 * h, 0.9 * w, 0.8 * h]])
-             for _ in range(n)]
-    labels = [torch.tensor([0, 2]) for _ in range(n)]
-    det = DetRecursiveMix(alpha=0.5, seed=0)
-    det.borrow_batches()
-    mix_ms = {"det": time_mix(lambda i: det(det_images[i % 3], boxes, labels), s.rm_iters, dev)["ms"]}
-    seg_images = [torch.randint(0, 256, (n, 3, *seg_hw), dtype=torch.uint8, generator=g).to(dev) for _ in range(3)]
-    seg_maps = [torch.randint(0, 150, (n, *seg_hw), dtype=torch.uint8, generator=g).to(dev) for _ in range(3)]
-    seg = SegRecursiveMix(alpha=0.5, seed=0)
-    seg.borrow_batches()
-    mix_ms["seg"] = time_mix(lambda i: seg(seg_images[i % 3], seg_maps[i % 3]), s.rm_iters, dev)["ms"]
-    ctx.detail("mix_ms", mix_ms)
+    mix_ms = {}
+    with ctx.part("det mix"):
+        det_images = [torch.randint(0, 256, (n, 3, *det_hw), dtype=torch.uint8, generator=g).to(dev)
+                      for _ in range(3)]
+        h, w = det_hw
+        boxes = [torch.tensor([[0.1 * w, 0.1 * h, 0.4 * w, 0.5 * h], [0.5 * w, 0.3 * h, 0.9 * w, 0.8 * h]])
+                 for _ in range(n)]
+        labels = [torch.tensor([0, 2]) for _ in range(n)]
+        det = DetRecursiveMix(alpha=0.5, seed=0)
+        det.borrow_batches()
+        mix_ms["det"] = time_mix(lambda i: det(det_images[i % 3], boxes, labels), s.rm_iters, dev)["ms"]
+        ctx.detail("mix_ms", mix_ms)
+    with ctx.part("seg mix"):
+        seg_images = [torch.randint(0, 256, (n, 3, *seg_hw), dtype=torch.uint8, generator=g).to(dev)
+                      for _ in range(3)]
+        seg_maps = [torch.randint(0, 150, (n, *seg_hw), dtype=torch.uint8, generator=g).to(dev) for _ in range(3)]
+        seg = SegRecursiveMix(alpha=0.5, seed=0)
+        seg.borrow_batches()
+        mix_ms["seg"] = time_mix(lambda i: seg(seg_images[i % 3], seg_maps[i % 3]), s.rm_iters, dev)["ms"]
+        ctx.detail("mix_ms", mix_ms)
     ctx.detail("mix_shapes", {"det": [n, 3, *det_hw], "seg": [n, 3, *seg_hw]})
 
 
@@ -957,7 +998,7 @@ def _trainer_main(argv: list) -> int:
         if backend == "nccl":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-            probe["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
+            probe["nccl_version"] = nccl_version()
         dist.init_process_group(backend)
         t = torch.ones(4, device=device) * (rank + 1)
         dist.all_reduce(t)
