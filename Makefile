@@ -1,5 +1,6 @@
 # RecursiveMix loader system. The README's two commands: `make demo` and `make test`.
-# Every target that runs code depends on `setup`, so each works from a fresh clone alone.
+# Every target that runs code depends on `setup`, so each works from a fresh clone alone; `gpu-check`
+# alone runs a given Python on the repository as it is (a bare GPU machine: docs/gpu-check.md).
 
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -93,3 +94,18 @@ mm-train: setup-mm
 # make mm-test MM_CONFIG=atss_r50_fpn_1x_coco MM_CKPT=work_dirs/atss_r50_fpn_1x_coco/epoch_12.pth
 mm-test: setup-mm
 	$(VENV)/bin/rmix mm test $(MM_CONFIG) $(MM_CKPT) $(MM_ARGS)
+
+# -- the GPU check: verifies and measures the GPU path on one GPU machine in at most 6 minutes, writing
+# $(GPU_OUT)/gpu-check.json and gpu-check.md; exit status 1 when a step failed. Independent of `setup`: it runs
+# $(GPU_PYTHON) on the repository as it is, with DALI and webdataset from PYTHONPATH. On a bare GPU machine the
+# wheels come from ../shared/gpu/bundle.sh, unpacked and installed by the one line it prints:
+#   mkdir -p /tmp/w && cat $(ls -d .gpu[0-9]* | sort -V | sed "s|$|/part.*|") | tar -xf - -C /tmp/w && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/w/*.whl && export PYTHONPATH=/tmp/site:$PWD
+# then: make gpu-check GPU_OUT=$OUT (docs/gpu-check.md). On a CPU: make gpu-check GPU_CHECK_ARGS=--dry-run
+GPU_PYTHON     ?= python3
+GPU_OUT        ?= gpu-check-out
+GPU_CHECK_ARGS ?=
+
+.PHONY: gpu-check
+
+gpu-check:
+	$(GPU_PYTHON) -m tools.gpu_check --out $(GPU_OUT) $(GPU_CHECK_ARGS)

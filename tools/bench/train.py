@@ -57,6 +57,44 @@ class PremadeBatches:
         self.mix.record_logits(logits)
 
 
+def loader_vs_premade(loader, plain, make_model, cfg: TrainConfig, device, *, epochs: int = 1, repeats: int = 3,
+                      channels_last: bool = False) -> dict:
+    """The trainer fed by ``loader`` (which mixes with its own RecursiveMix) against the same trainer fed by the
+    batches of ``plain`` (the same loader without a mix) replayed from memory and mixed per step by a fresh
+    RecursiveMix, so only the loading differs. One run of each per repeat, interleaved, so drifting machine
+    load hits both alike; each run is one warm-up pass of ``epochs`` epochs, then ``epochs`` timed ones.
+
+    ``make_model()`` returns a fresh model on ``device`` (built under ``torch.manual_seed(0)``); ``cfg`` gives
+    the loss (``aug``, ``aug_omega``), ``batch_size`` and ``amp``. Returns ``{"loader": Timing, "in-memory":
+    Timing, "ratios": [loader img/s over in-memory img/s, one per repeat]}``.
+    """
+    def trainer(source):
+        torch.manual_seed(0)
+        model = make_model()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        autocast, scaler = mixed_precision(cfg.amp, device)
+        state = RunState()
+
+        def job() -> int:
+            for _ in range(epochs):
+                train_one_epoch(model, source, opt, scaler, cfg, 1, state, device=device, autocast=autocast,
+                                log=lambda m: None)
+            return epochs * len(source) * cfg.batch_size
+        return job
+
+    made = [(b.images.clone(), b.labels.clone()) for b in plain]  # normalised and augmented, unmixed
+    premade = PremadeBatches(made, RecursiveMix(0.5, seed=0, num_classes=loader.num_classes))
+    runs = {"loader": [], "in-memory": []}
+    for _ in range(repeats):
+        runs["loader"].append(measure(trainer(loader), 1, device))
+        runs["in-memory"].append(measure(trainer(premade), 1, device))
+    fed = {k: Timing([t.walls[0] for t in v], [t.cpus[0] for t in v], v[0].items) for k, v in runs.items()}
+    fed["ratios"] = [a.per_s / b.per_s for a, b in zip(runs["loader"], runs["in-memory"])]
+    return fed
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="rmix bench train", description=__doc__.splitlines()[0])
     p.add_argument("--shards", type=Path, default=Path("data/shards"), help="where the digits shards are (made if missing)")
@@ -87,36 +125,16 @@ def main(argv=None) -> None:
                       batch_size=args.batch_size, lr=0.05, aug="recursive_mix", aug_omega=0.5, print_freq=10**9,
                       amp=args.amp, progress=False).validate()
     amp = args.amp if device.type == "cuda" else "off"
-
-    def trainer(loader):
-        torch.manual_seed(0)
-        model = build_model(family, name, 10, imagenet=False).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        autocast, scaler = mixed_precision(amp, device)
-        state = RunState()
-
-        def job() -> int:
-            for _ in range(args.epochs):
-                train_one_epoch(model, loader, opt, scaler, cfg, 1, state, device=device, autocast=autocast,
-                                log=lambda m: None)
-            return args.epochs * len(loader) * args.batch_size
-        return job
-
     loader = build_loader(root, "train", backend=args.loader, batch_size=args.batch_size, train=True,
                           device=device, mix=RecursiveMix(0.5, seed=0), num_workers=args.workers)
     plain = build_loader(root, "train", backend=args.loader, batch_size=args.batch_size, train=True,
                          device=device, num_workers=args.workers)
-    made = [(b.images.clone(), b.labels.clone()) for b in plain]  # normalised and augmented, unmixed
-    premade = PremadeBatches(made, RecursiveMix(0.5, seed=0, num_classes=10))
-    fed = {"loader": [], "in-memory": []}
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-        fed["loader"].append(measure(trainer(loader), 1, device))
-        fed["in-memory"].append(measure(trainer(premade), 1, device))
-    merged = {k: Timing([t.walls[0] for t in v], [t.cpus[0] for t in v], v[0].items) for k, v in fed.items()}
+    fed = loader_vs_premade(loader, plain, lambda: build_model(family, name, 10, imagenet=False).to(device), cfg,
+                            device, epochs=args.epochs, repeats=args.repeats)
+    merged, ratios = {k: fed[k] for k in ("loader", "in-memory")}, fed["ratios"]
     for k, t in merged.items():
         lo, hi = t.spread
         print(f"{k:<10} {t.per_s:8.0f} img/s  (min {lo:.0f}, max {hi:.0f})  {t.per_cpu_s:8.0f} img/cpu-s")
-    ratios = [a.per_s / b.per_s for a, b in zip(fed["loader"], fed["in-memory"])]
     print(f"loader / in-memory: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}; "
           f"goal >= 0.95) = {compare(merged['loader'], merged['in-memory'])}"
           f"  [{args.loader} loader, {args.data}, {family}/{name}, batch {args.batch_size}, {device}, amp {amp}, "
