@@ -489,3 +489,38 @@ def test_ddp_resume_gives_each_rank_its_own_dense_mix(tmp_path, export):
         assert a["loader"]["rng"] == b["loader"]["rng"]
         for key in ("images", "seg"):
             assert torch.equal(a["loader"]["history"][key], b["loader"]["history"][key]), key
+
+
+# -- exports of a checkpoint saved before any evaluation; a text file as --backbone -----------------
+
+def test_export_of_a_never_evaluated_checkpoint_says_na(tmp_path, capsys):
+    """`rmix train` stopped after one step saves latest.pth before its first evaluation: its `best` is the
+    trainer's initial {acc1: 0.0, epoch: 0}, which is no accuracy. The export says n/a, not top-1 0.00."""
+    from conftest import write_imagefolder
+    from shards.build import ShardParams, build
+    from tools.mm import export_main
+    from trainers.classify import run
+
+    src = write_imagefolder(tmp_path / "imagenet", per_class=2, val_per_class=1, oddities=False)
+    build(ShardParams(dataset="imagenet", formats=["wds"], samples_per_shard=8), src, tmp_path / "shards",
+          workers=1, progress=False)
+    cfg = TrainConfig(name="r50", data="imagenet", data_dir=str(tmp_path / "shards" / "imagenet"),
+                      save_dir=str(tmp_path), model_file="resnet", model_name="resnet50", epoch=1, batch_size=4,
+                      lr=0.01, loader="torch", num_workers=1, stop_after_steps=1, print_freq=1).validate()
+    run(cfg)
+    ckpt = tmp_path / "imagenet" / "r50" / "latest.pth"
+    assert torch.load(ckpt, weights_only=False)["best"]["acc1"] == 0.0  # the trainer's initial value
+    capsys.readouterr()
+    export_main([str(ckpt), str(tmp_path / "r50.pth")])
+    out = capsys.readouterr().out
+    assert "top-1 n/a" in out and "top-1 0.00" not in out, out
+    meta = load_export(tmp_path / "r50.pth")["meta"]
+    assert meta["top-1"] is None and meta["top-5"] is None and meta["best_epoch"] is None and meta["epoch"] == 1
+
+
+@pytest.mark.parametrize("text", ["hello world\n", "epoch 1\n"])
+def test_load_export_of_a_text_file_is_one_line(tmp_path, text):
+    path = tmp_path / "r50.pth"
+    path.write_text(text)
+    with pytest.raises(ExportError, match="is not a readable checkpoint: neither torch.save's zip format"):
+        load_export(path)
