@@ -529,6 +529,15 @@ def test_load_export_of_a_text_file_is_one_line(tmp_path, text):
         load_export(path)
 
 
+@needs_mm
+def test_mm_train_backbone_text_file_is_one_line(tmp_path):
+    path = tmp_path / "r50.pth"
+    path.write_text("hello world\n")
+    msg = _mm_main("train", "atss_r50_fpn_1x_coco", "--backbone", str(path))
+    assert msg == f"rmix mm train: --backbone: {path} is not a readable checkpoint: neither torch.save's zip " \
+                  "format nor a pickle (a text file?)", msg
+
+
 # -- the data, checked before either loader is built ------------------------------------------------
 
 def _break_data(case: str, root: Path) -> None:
