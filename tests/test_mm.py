@@ -298,6 +298,7 @@ def test_mm_errors_are_one_line(tmp_path, export, monkeypatch):
 ATSS_TINY = """
 _base_ = '{base}'
 img_scale = (320, 320)
+metainfo = dict(classes=('person', 'bicycle', 'car'))  # the categories of mm_fixtures.write_coco
 train_pipeline = [
     dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
     dict(type='Resize', scale=img_scale, keep_ratio=True), dict(type='RandomFlip', prob=0.5),
@@ -306,10 +307,12 @@ test_pipeline = [
     dict(type='LoadImageFromFile'), dict(type='Resize', scale=img_scale, keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
-train_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(pipeline=train_pipeline))
-val_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(pipeline=test_pipeline))
+train_dataloader = dict(num_workers=0, persistent_workers=False,
+                        dataset=dict(metainfo=metainfo, pipeline=train_pipeline))
+val_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(metainfo=metainfo, pipeline=test_pipeline))
 test_dataloader = val_dataloader
-model = dict(test_cfg=dict(score_thr=0.0))  # an untrained head scores below 0.05: keep boxes for the mAP
+# an untrained head scores below 0.05: keep boxes for the mAP
+model = dict(bbox_head=dict(num_classes=3), test_cfg=dict(score_thr=0.0))
 train_cfg = dict(max_epochs=1, val_interval=1)
 param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2)]
 default_hooks = dict(logger=dict(interval=1), visualization=dict(draw=False))
@@ -539,3 +542,246 @@ def test_ddp_resume_gives_each_rank_its_own_dense_mix(tmp_path, export):
         assert a["loader"]["rng"] == b["loader"]["rng"]
         for key in ("images", "seg"):
             assert torch.equal(a["loader"]["history"][key], b["loader"]["history"][key]), key
+
+
+# -- exports of a checkpoint saved before any evaluation; a text file as --backbone -----------------
+
+def test_export_of_a_never_evaluated_checkpoint_says_na(tmp_path, capsys):
+    """`rmix train` stopped after one step saves latest.pth before its first evaluation: its `best` is the
+    trainer's initial {acc1: 0.0, epoch: 0}, which is no accuracy. The export says n/a, not top-1 0.00."""
+    from conftest import write_imagefolder
+    from shards.build import ShardParams, build
+    from tools.mm import export_main
+    from trainers.classify import run
+
+    src = write_imagefolder(tmp_path / "imagenet", per_class=2, val_per_class=1, oddities=False)
+    build(ShardParams(dataset="imagenet", formats=["wds"], samples_per_shard=8), src, tmp_path / "shards",
+          workers=1, progress=False)
+    cfg = TrainConfig(name="r50", data="imagenet", data_dir=str(tmp_path / "shards" / "imagenet"),
+                      save_dir=str(tmp_path), model_file="resnet", model_name="resnet50", epoch=1, batch_size=4,
+                      lr=0.01, loader="torch", num_workers=1, stop_after_steps=1, print_freq=1).validate()
+    run(cfg)
+    ckpt = tmp_path / "imagenet" / "r50" / "latest.pth"
+    assert torch.load(ckpt, weights_only=False)["best"]["acc1"] == 0.0  # the trainer's initial value
+    capsys.readouterr()
+    export_main([str(ckpt), str(tmp_path / "r50.pth")])
+    out = capsys.readouterr().out
+    assert "top-1 n/a" in out and "top-1 0.00" not in out, out
+    meta = load_export(tmp_path / "r50.pth")["meta"]
+    assert meta["top-1"] is None and meta["top-5"] is None and meta["best_epoch"] is None and meta["epoch"] == 1
+
+
+@pytest.mark.parametrize("text", ["hello world\n", "epoch 1\n"])
+def test_load_export_of_a_text_file_is_one_line(tmp_path, text):
+    path = tmp_path / "r50.pth"
+    path.write_text(text)
+    with pytest.raises(ExportError, match="is not a readable checkpoint: neither torch.save's zip format"):
+        load_export(path)
+
+
+@needs_mm
+def test_mm_train_backbone_text_file_is_one_line(tmp_path):
+    path = tmp_path / "r50.pth"
+    path.write_text("hello world\n")
+    msg = _mm_main("train", "atss_r50_fpn_1x_coco", "--backbone", str(path))
+    assert msg == f"rmix mm train: --backbone: {path} is not a readable checkpoint: neither torch.save's zip " \
+                  "format nor a pickle (a text file?)", msg
+
+
+# -- the data, checked before either loader is built ------------------------------------------------
+
+def _break_data(case: str, root: Path) -> None:
+    """Damage a fresh fixture the way real data goes wrong."""
+    import numpy as np
+    from PIL import Image
+
+    val_json = root / "annotations" / "instances_val2017.json"
+    if case == "coco_not_json":  # a download cut short
+        text = val_json.read_text()
+        val_json.write_text(text[:len(text) // 2])
+    elif case == "coco_no_images":  # e.g. a results file passed as annotations
+        val_json.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 9, 9], "score": 0.5}]))
+    elif case == "coco_image_missing":
+        first = json.loads(val_json.read_text())["images"][0]["file_name"]
+        (root / "val2017" / first).unlink()
+    elif case == "coco_empty_val":
+        doc = json.loads(val_json.read_text())
+        val_json.write_text(json.dumps(dict(doc, images=[], annotations=[])))
+    elif case == "ade_empty_val":
+        for p in (root / "images" / "validation").iterdir():
+            p.unlink()
+    elif case == "ade_label_missing":
+        next(iter(sorted((root / "annotations" / "training").iterdir()))).unlink()
+    elif case == "ade_label_size":  # a label map of another resolution than its image
+        p = sorted((root / "annotations" / "training").iterdir())[1]
+        Image.open(p).resize((160, 128), Image.NEAREST).save(p)
+    elif case == "ade_label_value":  # another dataset's labels: 200 is no ADE20K class
+        p = sorted((root / "annotations" / "validation").iterdir())[0]
+        labels = np.array(Image.open(p))
+        labels[:8, :8] = 200
+        Image.fromarray(labels).save(p)
+    else:
+        raise ValueError(case)
+
+
+@needs_mm
+@pytest.mark.parametrize("loader", ["stock", "dali"])
+@pytest.mark.parametrize("case, message", [pytest.param(*case, id=case[0]) for case in [
+    ("coco_not_json", "instances_val2017.json is not valid JSON (line 1 column"),
+    ("coco_no_images", "instances_val2017.json is not a COCO annotation file: it has no 'images' list"),
+    ("coco_image_missing", "val_dataloader: 1 of the 2 images"),
+    ("coco_empty_val", "val_dataloader: {root}/annotations/instances_val2017.json lists no images: the val set is empty"),
+    ("ade_empty_val", "val_dataloader: no *.jpg images in {root}/images/validation: the val set is empty"),
+    ("ade_label_missing", "train_dataloader: 1 of the 4 label maps are missing (first: {root}/annotations/training/"),
+    ("ade_label_size", "is 160x128, its image {root}/images/training/ADE_train_00000002.jpg 320x256: they must"),
+    ("ade_label_value", "ADE_val_00000001.png holds 200: ADE20K's labels are 0..150 and 255 (ignored)"),
+]])
+def test_bad_data_is_one_line_before_any_loader(tmp_path, export, case, message, loader):
+    """What mmdet / mmseg would fail on with a traceback (some after an epoch of training) is one line, said
+    before the Runner and its loaders exist (the work dir is never made), for mmengine's loader and ours."""
+    from mm_fixtures import write_ade20k, write_coco
+
+    path, _ = export
+    if case.startswith("coco"):
+        root = write_coco(tmp_path / "coco", train=2, val=2, size=(256, 320))
+        cfg = _tiny_config(tmp_path, ATSS_TINY, ATSS)
+    else:
+        root = write_ade20k(tmp_path / "ade", train=4, val=2, size=(256, 320))
+        cfg = _tiny_config(tmp_path, UPERNET_TINY, UPERNET)
+    _break_data(case, root)
+    wd = tmp_path / "wd"
+    msg = _mm_main("train", str(cfg), "--backbone", str(path), "--data-root", str(root), "--work-dir", str(wd),
+                   "--loader", loader)
+    assert msg.startswith("rmix mm train: ") and message.format(root=root) in msg and "\n" not in msg, msg
+    assert not wd.exists()
+
+
+@needs_mm
+def test_coco_categories_must_cover_the_models_classes(tmp_path, export):
+    """A 4-category COCO file under the stock 80-class ATSS: mmdet's CocoMetric maps predicted label i to the i-th
+    category and raised IndexError after the first epoch. Refused up front, for training and test."""
+    from mm_fixtures import write_coco
+
+    path, _ = export
+    coco = write_coco(tmp_path / "coco", train=2, val=1)
+    for split in ("train", "val"):
+        ann = coco / "annotations" / f"instances_{split}2017.json"
+        doc = json.loads(ann.read_text())
+        doc["categories"].append({"id": 4, "name": "motorcycle", "supercategory": "vehicle"})
+        ann.write_text(json.dumps(doc))
+    for loader in ("stock", "dali"):
+        msg = _mm_main("train", "atss_r50_fpn_1x_coco", "--backbone", str(path), "--data-root", str(coco),
+                       "--work-dir", str(tmp_path / "wd"), "--loader", loader)
+        assert "instances_train2017.json has categories for 4 of the 80 classes the model predicts (missing: " \
+               "'airplane', 'bus', 'train' ...)" in msg and "\n" not in msg, msg
+    # the config's classes cover the file, the head predicts more: the same IndexError
+    tiny = _tiny_config(tmp_path, ATSS_TINY, ATSS)
+    msg = _mm_main("train", str(tiny), "--backbone", str(path), "--data-root", str(coco), "--work-dir",
+                   str(tmp_path / "wd"), "--cfg-options", "model.bbox_head.num_classes=5")
+    assert "has categories for 3 of the 5 classes the model predicts (the head's num_classes is 5, the config " \
+           "names 3 classes)" in msg, msg
+    assert not (tmp_path / "wd").exists()
+
+
+# -- dense RecursiveMix in the config and in the DALI loader ----------------------------------------
+
+@needs_mm
+@pytest.mark.parametrize("task", ["det", "seg"])
+def test_rm_alpha_with_a_densrm_config_is_refused(tmp_path, export, task):
+    """A *_densrm config mixes in the model's data preprocessor; --loader dali --rm-alpha mixes in the loader too.
+    Both would run, one on the other's output: refused in one line, before anything is built."""
+    from mm_fixtures import write_ade20k, write_coco
+
+    path, _ = export
+    if task == "det":
+        root = write_coco(tmp_path / "coco", train=2, val=1, size=(256, 320))
+        cfg = _tiny_config(tmp_path, ATSS_TINY, CONFIGS / "atss_r50_fpn_1x_coco_densrm.py")
+    else:
+        root = write_ade20k(tmp_path / "ade", train=2, val=1, size=(256, 320))
+        cfg = _tiny_config(tmp_path, UPERNET_TINY, CONFIGS / "upernet_r50_8xb2-80k_ade20k-512x512_densrm.py")
+    wd = tmp_path / "wd"
+    msg = _mm_main("train", str(cfg), "--backbone", str(path), "--data-root", str(root), "--work-dir", str(wd),
+                   "--loader", "dali", "--rm-alpha", "0.5")
+    assert msg.startswith(f"rmix mm train: --rm-alpha mixes in the DALI loader and {cfg} already mixes in the "
+                          "model's data preprocessor"), msg
+    assert "RecursiveMix would run twice" in msg and "\n" not in msg and not wd.exists(), msg
+
+
+# -- test checkpoints that do not fit; metrics as valid, rounded JSON --------------------------------
+
+@pytest.fixture(scope="module")
+def upernet_checkpoint(tmp_path_factory):
+    """(tiny UPerNet config, a checkpoint of it in mmengine's layout): the model the config builds, its state
+    dict saved as mmengine's Runner saves one (``meta`` + ``state_dict``), random weights."""
+    from mmengine.config import Config
+    from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    from trainers.mm.launch import adapt_to_device
+
+    tmp = tmp_path_factory.mktemp("upernet_ckpt")
+    path = _tiny_config(tmp, UPERNET_TINY, UPERNET)
+    cfg = Config.fromfile(str(path))
+    adapt_to_device(cfg, cuda=False)
+    cfg.model.backbone.init_cfg = None
+    register_all_modules(init_default_scope=True)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    torch.save({"meta": {"iter": 1, "epoch": 0}, "state_dict": weights_to_cpu(get_state_dict(model))},
+               tmp / "iter_1.pth")
+    return path, tmp / "iter_1.pth"
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@needs_mm
+@pytest.mark.slow
+def test_mm_test_refuses_a_checkpoint_of_another_config(tmp_path, upernet_checkpoint):
+    """An ATSS config tested with a UPerNet checkpoint: mmengine loads with strict=False, the ATSS neck and head
+    stay random and the run printed mAP 0.0 with exit 0. One line instead, naming what does not fit."""
+    from mm_fixtures import write_coco
+
+    _, ckpt = upernet_checkpoint
+    coco = write_coco(tmp_path / "coco", train=1, val=1)
+    cfg = _tiny_config(tmp_path, ATSS_TINY, ATSS)
+    r = cli("mm", "test", str(cfg), str(ckpt), "--data-root", str(coco), "--work-dir", str(tmp_path / "wd"))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stderr.startswith(f"rmix mm test: {ckpt} does not fit {cfg}: "), r.stderr
+    assert "tensors are not in it (first: neck." in r.stderr and "(first: decode_head." in r.stderr, r.stderr
+    assert "coco/bbox_mAP" not in r.stdout and not (tmp_path / "wd").exists()  # refused before the Runner
+
+
+@needs_mm
+@pytest.mark.slow
+def test_mm_test_prints_valid_rounded_json(tmp_path, upernet_checkpoint):
+    """mmseg's metrics are float32 (printed as 0.05999999865889549) and NaN where no pixel is labelled (a val set
+    all "other"): `rmix mm test` prints valid JSON, rounded, with null for NaN."""
+    import numpy as np
+    from PIL import Image
+
+    from mm_fixtures import write_ade20k
+
+    cfg, ckpt = upernet_checkpoint
+    ade = write_ade20k(tmp_path / "ade", train=1, val=1, size=(256, 320))
+    (val,) = (ade / "annotations" / "validation").iterdir()  # every class in a stripe: an untrained model's
+    Image.fromarray((np.arange(320) * 150 // 320 + 1).astype(np.uint8)[None].repeat(256, 0)).save(val)  # hits > 0
+    r = cli("mm", "test", str(cfg), str(ckpt), "--data-root", str(ade), "--work-dir", str(tmp_path / "wd"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    line = re.findall(r"^rmix mm test: (.*)$", r.stdout, flags=re.M)[-1]
+    metrics = _strict_json(line)
+    assert set(metrics) >= {"aAcc", "mIoU", "mAcc"}, metrics
+    assert all(isinstance(v, float) and v == round(v, 4) for v in metrics.values()) and metrics["aAcc"] > 0, line
+
+    for p in (ade / "annotations" / "validation").iterdir():  # every pixel "other": ignored after reduce_zero_label
+        Image.fromarray(np.zeros_like(np.array(Image.open(p)))).save(p)
+    r = cli("mm", "test", str(cfg), str(ckpt), "--data-root", str(ade), "--work-dir", str(tmp_path / "wd"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    line = re.findall(r"^rmix mm test: (.*)$", r.stdout, flags=re.M)[-1]
+    assert _strict_json(line)["aAcc"] is None, line

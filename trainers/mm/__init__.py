@@ -10,7 +10,9 @@ OpenMMLab configs. This package is that path, downstream of ``trainers.classify`
     hooks.py     PretrainedBackboneCheck: the run fails unless the backbone equals the checkpoint at iter 0;
                  DenseMixState: the dense mix's generator and history in checkpoints, restored on resume;
                  DaliReaderState: our DALI reader's per-rank state in checkpoints, restored on resume
-    launch.py    ``rmix mm train|test``: config, data and checkpoint checks, launcher, mmengine Runner
+    launch.py    ``rmix mm train|test``: config and checkpoint checks, launcher, mmengine Runner, metrics JSON
+    data.py      the data a config names, checked before any loader is built (COCO JSON, images on disk,
+                 empty sets, ADE20K label maps, categories against the model's classes): one line each
     dense_mix.py RecursiveMix for boxes and masks inside mmdet (batch_augments) / mmseg (data preprocessor)
     dali_loop.py our DALI detection / segmentation loaders in place of mmengine's DataLoader
     configs/     ATSS and UPerNet configs inheriting mmdet:: / mmseg:: bases (``*_densrm``: dense RM on)

@@ -17,6 +17,7 @@ architecture, a missing or unreadable file.
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from trainers.checkpoint import CheckpointError, load_checkpoint
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 HEADS = ("fc.", "fc_roi.")
 FORMAT = "rmix-backbone/1"
+PICKLE_PROTO = b"\x80"  # the first byte of a pickle (protocol >= 2): torch.save's legacy format
 
 
 class ExportError(ValueError):
@@ -94,6 +96,18 @@ def _plain(value):
     return str(value)
 
 
+def evaluated_best(ckpt: dict) -> dict:
+    """The checkpoint's best validation metrics, or ``{}`` when it was saved before any evaluation.
+
+    ``trainers.classify`` starts ``best`` at ``{"acc1": 0.0, "acc5": 0.0, "epoch": 0}`` and replaces it after
+    each evaluation with that epoch's numbers; epochs count from 1, so ``epoch`` 0 (or none) means the run
+    never evaluated, and its 0.0 is no accuracy (an export of it reports ``top-1`` None, printed "n/a").
+    """
+    best = ckpt.get("best") or {}
+    epoch = best.get("epoch")
+    return best if isinstance(epoch, int) and epoch >= 1 else {}
+
+
 def export_backbone(ckpt_path: str | Path, out_path: str | Path) -> dict:
     """Write ``out_path`` from the trainer checkpoint ``ckpt_path``; return the exported ``meta``.
 
@@ -123,7 +137,7 @@ def export_backbone(ckpt_path: str | Path, out_path: str | Path) -> dict:
     for key, value in model.items():
         name = f"head.{key}" if key.startswith(HEADS) else f"backbone.{key}"
         state_dict[name] = value.detach().cpu().clone()
-    best = ckpt.get("best") or {}
+    best = evaluated_best(ckpt)
     meta = {
         "format": FORMAT,
         "arch": "resnet50",
@@ -146,15 +160,17 @@ def export_backbone(ckpt_path: str | Path, out_path: str | Path) -> dict:
 
 def load_export(path: str | Path) -> dict:
     """Read an export back (``weights_only=True``), or raise :class:`ExportError` saying what it is instead."""
-    import pickle
-    import zipfile
-
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"no backbone checkpoint at {path} (make one with: rmix export-backbone CKPT {path})")
+    with open(path, "rb") as f:
+        first = f.read(1)
+    if first != PICKLE_PROTO and not zipfile.is_zipfile(path):
+        raise ExportError(f"{path} is not a readable checkpoint: neither torch.save's zip format nor a pickle "
+                          "(a text file?)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # the weights-only unpickler fails on damaged data in many ways (KeyError, ...)
         head = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise ExportError(f"{path} is not an exported backbone (it needs full unpickling; a trainer checkpoint? "

@@ -7,9 +7,12 @@
 
 A thin layer over mmengine's ``Runner``, as mmdet's / mmseg's ``tools/train.py`` and ``tools/test.py``
 are, with the checks those scripts leave to a traceback done up front, each failing with one line
-(:class:`MMError`): a config that does not exist or does not parse, a data root or annotation file that
-is missing, a backbone file that is not an export of an ImageNet ResNet-50, a backbone type that cannot
-hold it (``ResNetV1c``), a test checkpoint that is a backbone export rather than a trained model.
+(:class:`MMError`): a config that does not exist or does not parse, data that mmdet / mmseg would fail on
+(:mod:`trainers.mm.data`: missing files, bad annotations or label maps, empty sets, COCO categories that do
+not cover the model's classes), a backbone file that is not an export of an ImageNet ResNet-50, a backbone
+type that cannot hold it (``ResNetV1c``), a test or resume checkpoint that is a backbone export rather than
+a trained model or whose tensors do not fit the config's model, ``--rm-alpha`` with a config whose data
+preprocessor already runs dense RecursiveMix. Metrics print as valid JSON, rounded (:func:`metric_value`).
 
 The launcher is ``pytorch`` under ``torchrun`` (``LOCAL_RANK`` set) and ``none`` otherwise. Without CUDA
 the process group uses gloo and SyncBN becomes BN (mmengine only reverts it outside DDP). All checkpoint
@@ -20,6 +23,7 @@ allowlist) so ``--resume`` and ``test`` work on torch >= 2.6 without changing ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import os.path as osp
 import warnings
@@ -27,8 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from . import data
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEEP_STEM = ("ResNetV1c", "ResNetV1d")
+PREPROCESSOR_MIXES = ("DetRecursiveMixAug", "RecursiveMixSegDataPreProcessor")  # trainers/mm/dense_mix.py
+METRIC_DECIMALS = 4  # mmdet's mAP has 3 significant decimals (0..1), mmseg's mIoU 2 (0..100)
 PKG_RESOURCES_WARNING = "pkg_resources is deprecated"  # setuptools 80, on every (re)import; mmengine needs it
 
 
@@ -103,63 +111,19 @@ def load_config(args: MMArgs):
             raise MMError(f"--cfg-options do not apply to {path}: {first_line(e)}") from None
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("work_dirs", path.stem)
     if args.data_root:
-        set_data_root(cfg, args.data_root)
+        data.set_data_root(cfg, args.data_root)
     return cfg
 
 
 # -- data ------------------------------------------------------------------------------------------
 
-def _datasets(cfg, loaders):
-    for name in loaders:
-        loader = cfg.get(name)
-        if not loader:
-            continue
-        ds = loader.get("dataset")
-        while ds is not None and "dataset" in ds and "data_root" not in ds:  # RepeatDataset, ClassBalanced...
-            ds = ds["dataset"]
-        if ds is not None:
-            yield name, ds
-
-
-def set_data_root(cfg, root: str) -> None:
-    """Point every dataloader, and the COCO evaluator's ``ann_file``, at ``root``."""
-    root = root.rstrip("/") + "/"
-    old_roots = set()
-    for _, ds in _datasets(cfg, ("train_dataloader", "val_dataloader", "test_dataloader")):
-        if ds.get("data_root"):
-            old_roots.add(ds["data_root"].rstrip("/"))
-        ds["data_root"] = root
-    for name in ("val_evaluator", "test_evaluator"):
-        evaluators = cfg.get(name)
-        for ev in evaluators if isinstance(evaluators, list) else [evaluators] if evaluators else []:
-            ann = ev.get("ann_file")
-            if ann:
-                for old in old_roots:
-                    if ann.startswith(old):
-                        ev["ann_file"] = osp.join(root, ann[len(old):].lstrip("/"))
-                        break
-
-
 def check_data(cfg, loaders) -> None:
-    """Every dataset's ``data_root``, annotation file and image/label folders exist, or one line."""
-    for name, ds in _datasets(cfg, loaders):
-        root = ds.get("data_root") or ""
-        if root and not osp.isdir(root):
-            raise MMError(f"{name}: data root {root} does not exist (pass --data-root DIR; the layout is in "
-                          "the README's 'Detection and segmentation' section)")
-        ann = ds.get("ann_file")
-        if ann and not osp.isfile(osp.join(root, ann)):
-            raise MMError(f"{name}: no annotation file {osp.join(root, ann)}")
-        for key, sub in (ds.get("data_prefix") or {}).items():
-            if sub and not osp.isdir(osp.join(root, sub)):
-                raise MMError(f"{name}: no {key} folder {osp.join(root, sub)}")
-    for name in ("val_evaluator", "test_evaluator"):
-        if name.split("_")[0] + "_dataloader" not in loaders:
-            continue
-        evaluators = cfg.get(name)
-        for ev in evaluators if isinstance(evaluators, list) else [evaluators] if evaluators else []:
-            if ev.get("ann_file") and not osp.isfile(ev["ann_file"]):
-                raise MMError(f"{name}: no annotation file {ev['ann_file']}")
+    """The data of ``loaders`` is there and mmdet / mmseg can use it (:mod:`trainers.mm.data`), or one line.
+    Runs before either loader is built, so it holds for the stock DataLoader and ``--loader dali`` alike."""
+    try:
+        data.check_data(cfg, loaders)
+    except data.DataError as e:
+        raise MMError(str(e)) from None
 
 
 # -- backbone --------------------------------------------------------------------------------------
@@ -202,8 +166,9 @@ def check_backbone(cfg) -> None:
         raise MMError(f"model.backbone.init_cfg.prefix is {init.get('prefix')!r}; our export needs 'backbone.'")
 
 
-def check_model_checkpoint(path: str) -> None:
-    """A trained detector / segmentor checkpoint (mmengine's), not our backbone export."""
+def check_model_checkpoint(path: str) -> dict:
+    """A trained detector / segmentor checkpoint (mmengine's), not our backbone export; returns the shape of
+    each of its tensors by name (``module.`` dropped, as mmengine's ``load_checkpoint`` drops it)."""
     from .loading import load_from_local_weights_only
 
     if not osp.isfile(path):
@@ -221,6 +186,71 @@ def check_model_checkpoint(path: str) -> None:
     if heads <= {"backbone", "head"}:
         raise MMError(f"{path} is a backbone export (only backbone/head weights): pass it to "
                       "`rmix mm train --backbone`; `rmix mm test` needs the work_dir's trained checkpoint")
+    return {k[len("module."):] if k.startswith("module.") else k: tuple(getattr(v, "shape", ()))
+            for k, v in state.items()}
+
+
+def model_shapes(cfg, config: str) -> dict:
+    """Name -> shape of every tensor in the state dict of the model ``cfg`` builds, built on the meta device
+    (no memory, no initialisation) in the config's registry scope, as the Runner will build it."""
+    import copy
+
+    import torch
+    from mmengine.registry import MODELS, DefaultScope
+    from mmengine.utils import import_modules_from_strings
+
+    if cfg.get("custom_imports"):
+        import_modules_from_strings(**cfg.custom_imports)
+    try:
+        with warnings.catch_warnings(), DefaultScope.overwrite_default_scope(cfg.get("default_scope")), \
+                torch.device("meta"):
+            warnings.simplefilter("ignore")  # mmdet/mmseg deprecation notes: the Runner's build says them again
+            model = MODELS.build(copy.deepcopy(cfg.model))
+    except (KeyError, TypeError, AssertionError, ImportError) as e:
+        raise MMError(f"cannot build the model of {config}: {first_line(e)}") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_checkpoint_fits(ours: dict, theirs: dict, path: str, config: str) -> None:
+    """The checkpoint holds every tensor of the model (``ours``, :func:`model_shapes`) with its shape, and
+    nothing else (``theirs``, :func:`check_model_checkpoint`).
+
+    mmengine loads ``load_from`` / ``--resume`` with ``strict=False`` and only logs what is missing: a
+    checkpoint of another config would leave the rest of the model (an ATSS neck and head under a UPerNet
+    checkpoint) at its random initialisation and evaluate to a plausible-looking 0.0.
+    """
+    missing = [k for k in ours if k not in theirs]
+    extra = [k for k in theirs if k not in ours]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the model's {len(ours)} tensors are not in it (first: {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} of its {len(theirs)} tensors are not in the model (first: {extra[0]})")
+        raise MMError(f"{path} does not fit {config}: {'; '.join(parts)}; is it a checkpoint of another config?")
+    wrong = [k for k in ours if ours[k] != theirs[k]]
+    if wrong:
+        k = wrong[0]
+        raise MMError(f"{path} does not fit {config}: {len(wrong)} tensors differ in shape (first: {k} is "
+                      f"{theirs[k]} in it, {ours[k]} in the model); is it a checkpoint of another config?")
+
+
+# -- dense RecursiveMix -----------------------------------------------------------------------------
+
+def preprocessor_mix(cfg) -> Optional[str]:
+    """The type of the dense RecursiveMix the model's data preprocessor runs (the ``*_densrm`` configs:
+    :mod:`trainers.mm.dense_mix`), or None."""
+    def walk(node):
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and kind.split(".")[-1] in PREPROCESSOR_MIXES:
+                return kind
+            node = list(node.values())
+        if isinstance(node, (list, tuple)):
+            return next((found for v in node if (found := walk(v))), None)
+        return None
+
+    return walk((cfg.get("model") or {}).get("data_preprocessor"))
 
 
 # -- device / launcher -----------------------------------------------------------------------------
@@ -261,12 +291,23 @@ def adapt_to_device(cfg, cuda: bool) -> None:
     swap(cfg.model)
 
 
-def _number(value):
-    """mmseg's metrics are numpy float32: JSON wants Python floats."""
+def metric_value(value):
+    """One metric as JSON takes it: a float rounded to ``METRIC_DECIMALS`` places (mmdet's and mmseg's metrics
+    are numpy float32, whose nearest double prints as 0.05999999865889549), None for NaN or infinity (JSON has
+    no NaN; mmseg's metrics are NaN when no pixel of the set is labelled), a string for anything else (mmdet's
+    ``bbox_mAP_copypaste``)."""
+    if value is None:
+        return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return str(value)
+    return round(number, METRIC_DECIMALS) if math.isfinite(number) else None
+
+
+def metrics_json(metrics: dict) -> str:
+    """The one-line JSON that ``rmix mm train|test`` print: valid JSON always (``allow_nan=False``)."""
+    return json.dumps({k: metric_value(v) for k, v in metrics.items()}, allow_nan=False)
 
 
 def val_metrics(runner) -> dict:
@@ -274,7 +315,7 @@ def val_metrics(runner) -> dict:
     out = {}
     for key, buf in runner.message_hub.log_scalars.items():
         if key.startswith("val/") and key not in ("val/time", "val/data_time"):
-            out[key[len("val/"):]] = float(buf.current())
+            out[key[len("val/"):]] = metric_value(buf.current())
     return out
 
 
@@ -302,13 +343,21 @@ def train(args: MMArgs) -> dict:
         raise MMError("--rm-alpha takes a value in (0, 1] and needs --loader dali "
                       "(with the stock loader use a *_densrm config)")
     cfg = load_config(args)
+    mixed = preprocessor_mix(cfg)
+    if args.rm_alpha is not None and mixed:
+        raise MMError(f"--rm-alpha mixes in the DALI loader and {args.config} already mixes in the model's data "
+                      f"preprocessor ({mixed}): RecursiveMix would run twice; drop --rm-alpha, or use the config "
+                      "without _densrm")
     if args.backbone:
         set_backbone(cfg, args.backbone)
+    shapes = None
     if args.resume:
         cfg.resume = True
         cfg.load_from = None if args.resume == "auto" else args.resume
         if cfg.load_from and not osp.isfile(cfg.load_from):
             raise MMError(f"--resume: no checkpoint at {cfg.load_from}")
+        if cfg.load_from:
+            shapes = check_model_checkpoint(cfg.load_from)
     check_backbone(cfg)  # also on resume: mmengine initialises the weights before it loads the checkpoint
     check_data(cfg, ("train_dataloader", "val_dataloader") if cfg.get("val_cfg") else ("train_dataloader",))
     if (cfg.get("randomness") or {}).get("seed") is None:
@@ -319,6 +368,8 @@ def train(args: MMArgs) -> dict:
               "same batches (set randomness.seed to change it)", flush=True)
     cfg.launcher = launcher_for_env()
     adapt_to_device(cfg, torch.cuda.is_available())
+    if shapes is not None:
+        check_checkpoint_fits(model_shapes(cfg, args.config), shapes, cfg.load_from, args.config)
     with mmengine_checkpoints():
         runner = _build_runner(cfg, args.config)
         attach_loaders(runner, args, ("train_dataloader", "val_dataloader"))
@@ -328,8 +379,8 @@ def train(args: MMArgs) -> dict:
             raise MMError(str(e)) from None
     metrics = val_metrics(runner)
     if runner.rank == 0:
-        Path(runner.work_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
-        print(f"rmix mm train: final val {json.dumps(metrics)}", flush=True)
+        Path(runner.work_dir, "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+        print(f"rmix mm train: final val {metrics_json(metrics)}", flush=True)
     return metrics
 
 
@@ -358,16 +409,17 @@ def test(args: MMArgs) -> dict:
     if not args.checkpoint:
         raise MMError("rmix mm test needs CONFIG and CHECKPOINT (a work_dir's epoch_N.pth / iter_N.pth)")
     cfg = load_config(args)
-    check_model_checkpoint(args.checkpoint)
+    shapes = check_model_checkpoint(args.checkpoint)
     cfg.load_from = args.checkpoint
     cfg.resume = False
     check_data(cfg, ("test_dataloader",))
     cfg.launcher = launcher_for_env()
     adapt_to_device(cfg, torch.cuda.is_available())
+    check_checkpoint_fits(model_shapes(cfg, args.config), shapes, args.checkpoint, args.config)
     with mmengine_checkpoints():
         runner = _build_runner(cfg, args.config)
         attach_loaders(runner, args, ("test_dataloader",))
-        metrics = {k: _number(v) for k, v in runner.test().items()}
+        metrics = {k: metric_value(v) for k, v in runner.test().items()}
     if runner.rank == 0:
-        print(f"rmix mm test: {json.dumps(metrics)}", flush=True)
+        print(f"rmix mm test: {metrics_json(metrics)}", flush=True)
     return metrics
