@@ -47,7 +47,7 @@ from shards.manifest import load_manifest
 
 from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, resolve_path, rng_state,
                          save_checkpoint, set_rng_state)
-from .config import ConfigError, TrainConfig, parse_config
+from .config import ConfigError, TrainConfig, parse_or_exit
 from .models import build_model
 from .peers import EXIT_PEER_LOST, announce, is_peer_failure, lost_line, restart_warning, roll_call
 
@@ -330,9 +330,12 @@ def append_metrics(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
-def main(argv=None) -> None:
+def main(argv=None, cfg: Optional[TrainConfig] = None) -> None:
+    """``rmix train`` / ``python -m trainers.classify``: parse ``argv`` (unless ``cfg`` is given), train, and
+    exit with the status the module header lists."""
+    if cfg is None:
+        cfg = parse_or_exit(argv)
     try:
-        cfg = parse_config(argv)
         result = run(cfg)
     except (ConfigError, ShardError, CheckpointError) as e:
         sys.exit(f"rmix train: {e}")
