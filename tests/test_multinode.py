@@ -191,6 +191,12 @@ def reference_dir(uninterrupted) -> Path:
     return uninterrupted["tmp"] / f"node{writer}" / "digits" / "mn"
 
 
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv without its wall-clock columns (img_per_s, data_wait)."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in ("img_per_s", "data_wait")} for row in csv.DictReader(f)]
+
+
 def assert_same_as_uninterrupted(run_dir: Path, fin: dict, uninterrupted) -> None:
     assert set(fin) == {0, 1} and [fin[r]["step"] for r in (0, 1)] == [EPOCHS * STEPS_PER_EPOCH] * 2
     assert [fin[r]["val_samples"] for r in (0, 1)] == [VAL_SAMPLES] * 2
@@ -225,6 +231,8 @@ def test_resume_latest_after_the_whole_job_is_stopped(uninterrupted, digits, tmp
     assert re.search(r"=> resumed \S+latest\.pth \(epoch 2, mid-epoch, step 20\)", text), text[-3000:]
     assert_same_as_uninterrupted(run_dir, finals(*again), uninterrupted)
     assert len(list(csv.DictReader(open(run_dir / "metrics.csv")))) == EPOCHS
+    # the interrupted epoch's row too: every rank's running sums came back from latest.pth
+    assert metrics_rows(run_dir) == metrics_rows(reference_dir(uninterrupted))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """trainers/: models with the ROI head, the DDP trainer, exact resume, SIGTERM, clear errors."""
 
+import csv
 import os
 import re
 import signal
@@ -98,8 +99,19 @@ def test_unknown_model_is_a_clear_error():
         build_model("resnet", "resnet50", 10, imagenet=False)
 
 
+TIMINGS = ("img_per_s", "data_wait")  # wall-clock columns of metrics.csv: they differ between any two runs
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv without its timing columns."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(f)]
+
+
 @pytest.mark.parametrize("loader", ["dali", "memory"])
 def test_exact_resume_is_bitwise(digits, tmp_path, loader):
+    """Stopped mid-epoch and resumed: the weights are bitwise the uninterrupted run's, and so is every row of
+    metrics.csv, the interrupted epoch's included (its running sums are saved with the checkpoint)."""
     whole = run(cfg(digits, tmp_path / "a", loader=loader))
     stopped = run(cfg(digits, tmp_path / "b", loader=loader, stop_after_steps=5))  # mid epoch 1 of 15 steps
     assert stopped == {"stopped_at_step": 5}
@@ -112,6 +124,10 @@ def test_exact_resume_is_bitwise(digits, tmp_path, loader):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["val_acc1"] == whole["val_acc1"]
+    rows = metrics_rows(tmp_path / "a" / "digits" / "t")
+    assert len(rows) == 2 and metrics_rows(tmp_path / "b" / "digits" / "t") == rows
+    text = (tmp_path / "b" / "digits" / "t" / "metrics.csv").read_text()
+    assert not re.search(r"\.\d{7,}", text), text  # rounded where printed: no float noise
 
 
 @pytest.mark.slow

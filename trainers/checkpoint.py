@@ -2,8 +2,10 @@
 
 A checkpoint is one ``torch.save`` dict (``CHECKPOINT_KEYS``): the *unwrapped* model's state dict,
 optimizer, AMP scaler, epoch, global step, whether it was taken mid-epoch, the best metrics, every
-rank's loader state (reader position, mix history), the RNG states and the resolved config. The file is
-written under a temporary name and renamed, so a kill during the write never leaves a torn file.
+rank's loader state (reader position, mix history), the RNG states and the resolved config; taken
+mid-epoch, also every rank's running sums of the epoch's metrics (``meters``, absent or None otherwise), so
+the resumed epoch's metrics equal the uninterrupted run's. The file is written under a temporary name and
+renamed, so a kill during the write never leaves a torn file.
 """
 
 from __future__ import annotations

@@ -58,13 +58,24 @@ class Stop(Exception):
     """Raised inside the epoch loop when the run must save ``latest`` and exit (SIGTERM, a step budget)."""
 
 
+#: the running sums of an epoch on one rank, in this order: loss * n, roi * n, top-1 hits, top-5 hits, n
+METERS = ("loss_sum", "roi_sum", "top1", "top5", "samples")
+
+
 @dataclass
 class RunState:
-    """What the epoch loop advances: the global step, the best validation metrics, the stop flag."""
+    """What the epoch loop advances: the global step, the best validation metrics, the stop flag, and the
+    running sums of the epoch in progress (``METERS``, on the device).
+
+    ``meters`` is set by :func:`train_one_epoch` while an epoch runs (and cleared at its end), so a mid-epoch
+    checkpoint can save it; a run resumed mid-epoch sets it from the checkpoint, and the interrupted epoch's
+    metrics then count every step of the epoch, as the uninterrupted run's do.
+    """
 
     step: int = 0
     best: dict = field(default_factory=lambda: {"acc1": 0.0, "acc5": 0.0, "epoch": 0})
     sigterm: bool = False
+    meters: Optional[torch.Tensor] = None
 
 
 # -- distributed -------------------------------------------------------------------------------------
@@ -224,13 +235,17 @@ def train_one_epoch(ddp_model, loader, optimizer, scaler, cfg: TrainConfig, epoc
     """Train over ``loader`` (any iterable of :class:`rmix.MixedBatch`; ``loader.record_logits`` receives
     each step's logits when it has one) and return the epoch's reduced metrics.
 
-    Metrics accumulate on the device and are read once per ``print_freq`` steps. Raises :class:`Stop`
-    when ``should_stop()`` says so (SIGTERM, a step budget).
+    Metrics accumulate on the device (``state.meters``, continued when a resume set them) and are read once
+    per ``print_freq`` steps. Raises :class:`Stop` when ``should_stop()`` says so (SIGTERM, a step budget),
+    with ``state.meters`` still holding the epoch's sums.
     """
     record = getattr(loader, "record_logits", None)
     ddp_model.train()
     lr = optimizer.param_groups[0]["lr"]
-    sums_dev = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, roi*n, top1, top5, n
+    if state.meters is None:
+        state.meters = torch.zeros(len(METERS), dtype=torch.float64, device=device)
+    sums_dev = state.meters
+    counted_before = sums_dev[4].item()  # samples of a resumed epoch before this run: not in its img/s
     timer = StepTimer(device)
     total = len(loader) if hasattr(loader, "__len__") else None
     start = getattr(loader, "position", 0)
@@ -258,7 +273,7 @@ def train_one_epoch(ddp_model, loader, optimizer, scaler, cfg: TrainConfig, epoc
             pos = getattr(loader, "position", "?")
             log(f"Epoch [{epoch}/{cfg.epoch}][{pos}/{total}]\tlr {lr:.6f}\tLoss {s[0] / s[4]:.4f}\t"
                 f"ROI {s[1] / s[4]:.4f}\tAcc@1 {100 * s[2] / s[4]:.2f}\tAcc@5 {100 * s[3] / s[4]:.2f}\t"
-                f"{s[4] * world / wall:.0f} img/s\tdata-wait {100 * wait:.1f}%")
+                f"{(s[4] - counted_before) * world / wall:.0f} img/s\tdata-wait {100 * wait:.1f}%")
         if should_stop is not None and should_stop():
             if bar is not None:
                 bar.close()
@@ -266,10 +281,12 @@ def train_one_epoch(ddp_model, loader, optimizer, scaler, cfg: TrainConfig, epoc
     if bar is not None:
         bar.close()
     s = sums_dev.tolist()
+    state.meters = None
     wall, wait = timer.read()
     n = max(s[4], 1)
     loss, roi, acc1, acc5, img_s, wait = reduce_mean(
-        [s[0] / n, s[1] / n, 100 * s[2] / n, 100 * s[3] / n, s[4] * world / wall, wait], device, world)
+        [s[0] / n, s[1] / n, 100 * s[2] / n, 100 * s[3] / n, (s[4] - counted_before) * world / wall, wait],
+        device, world)
     return dict(lr=lr, train_loss=loss, roi_loss=roi, train_acc1=acc1, train_acc5=acc5, img_per_s=img_s,
                 data_wait=wait)
 
@@ -321,7 +338,27 @@ def resolve_resume(cfg: TrainConfig, out_dir: Path, world: int) -> str:
     return resume
 
 
+#: decimals of each metrics.csv column (lr: significant digits instead); the values stay those the run
+#: computed, rounded once here, so a resumed run's rows equal the uninterrupted run's
+CSV_DECIMALS = {"train_loss": 6, "roi_loss": 6, "train_acc1": 4, "train_acc5": 4, "img_per_s": 1, "data_wait": 4,
+                "val_acc1": 4, "val_acc5": 4}
+
+
+def metrics_row(row: dict) -> dict:
+    """``row`` as metrics.csv holds it: percentages to 4 decimals, losses to 6, lr to 8 significant digits
+    (float32 noise such as 0.05999999865889549 does not reach the file)."""
+    out = {}
+    for k, v in row.items():
+        if k == "lr":
+            v = float(f"{v:.8g}")
+        elif k in CSV_DECIMALS:
+            v = round(v, CSV_DECIMALS[k])
+        out[k] = v
+    return out
+
+
 def append_metrics(path: Path, row: dict) -> None:
+    row = metrics_row(row)
     new = not path.exists()
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
@@ -425,21 +462,26 @@ def run(cfg: TrainConfig) -> dict:
         mid_epoch = ckpt["mid_epoch"] and loader_state is not None
         if loader_state is not None:
             train_loader.load_state_dict(loader_state)
+        if mid_epoch and ckpt.get("meters"):
+            state.meters = torch.tensor(ckpt["meters"][rank], dtype=torch.float64, device=device)
         set_rng_state(ckpt["rng"])
         start_epoch = ckpt["epoch"] if mid_epoch else ckpt["epoch"] + 1
         log(f"=> resumed {path} (epoch {ckpt['epoch']}{', mid-epoch' if mid_epoch else ''}, step {state.step})")
 
     def save(name: str, epoch: int, in_epoch: bool) -> None:
-        """Rank 0 writes; every rank's loader state (reader position, mix history) goes in."""
-        loader_states = [train_loader.state_dict()]
+        """Rank 0 writes; every rank's loader state (reader position, mix history) goes in, and mid-epoch
+        every rank's running sums of the epoch (``meters``)."""
+        mine = (train_loader.state_dict(), state.meters.tolist() if in_epoch and state.meters is not None else None)
+        ranks = [mine]
         if world > 1:
-            loader_states = [None] * world
-            dist.all_gather_object(loader_states, train_loader.state_dict())
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine)
         if master:
             save_checkpoint(out_dir / f"{name}.pth", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "step": state.step, "mid_epoch": in_epoch, "best": state.best,
-                "loader": loader_states, "rng": rng_state(), "config": cfg.to_dict()})
+                "loader": [r[0] for r in ranks], "meters": [r[1] for r in ranks] if in_epoch else None,
+                "rng": rng_state(), "config": cfg.to_dict()})
 
     # SIGTERM asks for a save at the next step; the caller's handler comes back when run() returns (a
     # handler left behind would be inherited by every process forked later and make it unkillable)
