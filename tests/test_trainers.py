@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 from shards.build import ShardParams, build
+from trainers.checkpoint import CheckpointError
 from trainers.classify import EXIT_PREEMPTED, RunState, main, resolve_device, run, train_one_epoch
 from trainers.config import ConfigError, TrainConfig
 from trainers.models import build_model, cifar_resnet18, pyramidnet_164_270, pyramidnet_200_240, resnet50, small_cnn
@@ -296,3 +297,36 @@ def test_run_gives_back_the_callers_sigterm_handler(digits, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     run(cfg(digits, tmp_path, loader="memory", stop_after_steps=1))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(digits, tmp_path_factory):
+    """A memory-loader run stopped after 3 of its 15 steps: latest.pth is mid-epoch 1."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    run(cfg(digits, tmp, loader="memory", stop_after_steps=3))
+    return tmp
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 50}, "was saved mid-epoch 1 with --batch_size 100; this run has --batch_size 50: "
+                         "resume with --batch_size 100"),
+    ({"loader": "dali"}, "with --loader memory; this run has --loader dali: resume with --loader memory"),
+    ({"aug": "cutmix"}, "with --aug recursive_mix; this run has --aug cutmix: resume with --aug recursive_mix"),
+])
+def test_resume_with_flags_its_loader_state_cannot_follow_is_one_line(digits, stopped_mid_epoch, change, message):
+    """A mid-epoch position counts batches of the saved size, and a loader state belongs to its backend and
+    mix: resuming with another value would repeat samples or fail deep in a loader. One line names the flag."""
+    before = {p.name: p.read_bytes() for p in (stopped_mid_epoch / "digits" / "t").iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError) as e:
+        run(cfg(digits, stopped_mid_epoch, **{"loader": "memory", "resume": "latest", **change}))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    after = {p.name: p.read_bytes() for p in (stopped_mid_epoch / "digits" / "t").iterdir() if p.is_file()}
+    assert after == before  # the refused run changed nothing in the run folder
+
+
+def test_mid_epoch_resume_of_the_torch_loader_with_other_workers_is_one_line(digits, tmp_path):
+    """The torch backend's workers read their own shards: its batches depend on --num_workers."""
+    run(cfg(digits, tmp_path, loader="torch", num_workers=2, stop_after_steps=2))
+    with pytest.raises(CheckpointError, match="with --num_workers 2; this run has --num_workers 1: resume with "
+                                              "--num_workers 2"):
+        run(cfg(digits, tmp_path, loader="torch", num_workers=1, resume="latest"))

@@ -45,8 +45,8 @@ from rmix.losses import roi_consistency_loss
 from shards.errors import ShardError
 from shards.manifest import load_manifest
 
-from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, resolve_path, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, check_resume_flags, load_checkpoint, load_model_state, resolve_path,
+                         rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, TrainConfig, parse_or_exit
 from .models import build_model
 from .peers import EXIT_PEER_LOST, announce, is_peer_failure, lost_line, restart_warning, roll_call
@@ -400,9 +400,6 @@ def run(cfg: TrainConfig) -> dict:
     log = (lambda msg: print(msg, flush=True)) if master else (lambda msg: None)
     log(f"rmix train: {json.dumps(cfg.to_dict())}")  # the resolved config, as torchvision's print(args)
     out_dir = Path(cfg.save_dir) / cfg.data / cfg.name
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     # -- data: the loaders own the mix and its history ------------------------------------------
     manifest = load_manifest(cfg.data_dir, cfg.remote())  # a folder, or a URL (shards/remote.py)
@@ -455,11 +452,16 @@ def run(cfg: TrainConfig) -> dict:
             acc1, acc5, _ = evaluate(ddp_model, val_loader, device, world, autocast)
             log(f"Epoch(val) [{ckpt['epoch']}]\tTest Acc@1: {acc1:.4f}\tTest Acc@5: {acc5:.4f}")
             return {"acc1": acc1, "acc5": acc5}
+        check_resume_flags(ckpt, path, cfg.to_dict())
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         state.step, state.best = ckpt["step"], ckpt["best"]
         loader_state = ckpt["loader"][rank] if len(ckpt["loader"]) == world else None
         mid_epoch = ckpt["mid_epoch"] and loader_state is not None
+        if ckpt["mid_epoch"] and not mid_epoch:  # loader states are per rank: another world size cannot use them
+            log(f"=> {path} was saved mid-epoch {ckpt['epoch']} by {len(ckpt['loader'])} rank(s), this run has "
+                f"{world}: the rest of epoch {ckpt['epoch']} is skipped, training continues with epoch "
+                f"{ckpt['epoch'] + 1}")
         if loader_state is not None:
             train_loader.load_state_dict(loader_state)
         if mid_epoch and ckpt.get("meters"):
@@ -467,6 +469,11 @@ def run(cfg: TrainConfig) -> dict:
         set_rng_state(ckpt["rng"])
         start_epoch = ckpt["epoch"] if mid_epoch else ckpt["epoch"] + 1
         log(f"=> resumed {path} (epoch {ckpt['epoch']}{', mid-epoch' if mid_epoch else ''}, step {state.step})")
+
+    # the run folder is written once the run is known to train: a refused resume or an evaluation leaves it as it was
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     def save(name: str, epoch: int, in_epoch: bool) -> None:
         """Rank 0 writes; every rank's loader state (reader position, mix history) goes in, and mid-epoch
