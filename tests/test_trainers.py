@@ -3,6 +3,7 @@
 import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,3 +331,17 @@ def test_mid_epoch_resume_of_the_torch_loader_with_other_workers_is_one_line(dig
     with pytest.raises(CheckpointError, match="with --num_workers 2; this run has --num_workers 1: resume with "
                                               "--num_workers 2"):
         run(cfg(digits, tmp_path, loader="torch", num_workers=1, resume="latest"))
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(digits, stopped_mid_epoch, tmp_path):
+    """It would replace that run's latest.pth and metrics.csv; one line says how to continue it instead."""
+    shutil.copytree(stopped_mid_epoch, tmp_path, dirs_exist_ok=True)
+    run_dir = tmp_path / "digits" / "t"
+    (run_dir / "metrics.csv").write_text("epoch,val_acc1\n1,50.0\n")  # as a finished epoch leaves it
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["--data_dir", str(digits), "--save_dir", str(tmp_path), "--name", "t", "--model_file", "small",
+              "--model_name", "small_cnn", "--loader", "memory", "--num_workers", "1", "--epoch", "1"])
+    assert e.value.code == (f"rmix train: {run_dir} holds a run (latest.pth, metrics.csv): continue it with "
+                            "--resume latest, or start another with another --name")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before

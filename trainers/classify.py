@@ -325,17 +325,28 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+#: what a run leaves in its folder: a fresh run into a folder holding any of them is refused
+RUN_FILES = ("latest.pth", "best.pth", "metrics.csv")
+
+
 def resolve_resume(cfg: TrainConfig, out_dir: Path, world: int) -> str:
     """``--resume`` as given, except ``auto``: ``latest`` when the run folder holds one, else "" (a fresh
-    start). Rank 0 looks and every rank follows, so the ranks never disagree on whether they resume."""
-    if cfg.resume != "auto":
-        return cfg.resume
-    resume = "latest" if cfg.evaluate or resolve_path(out_dir, "latest").is_file() else ""
+    start). A fresh start into a folder that holds a run (``RUN_FILES``) is a :class:`ConfigError`: it would
+    replace that run's checkpoints and log. Rank 0 looks (only it writes there) and every rank follows, so
+    the ranks never disagree on whether they resume, or all refuse together."""
+    decided = [cfg.resume, None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if cfg.resume == "auto":
+            decided[0] = "latest" if cfg.evaluate or resolve_path(out_dir, "latest").is_file() else ""
+        held = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if not decided[0] and held:
+            decided[1] = (f"{out_dir} holds a run ({', '.join(held)}): continue it with --resume latest, "
+                          "or start another with another --name")
     if world > 1:
-        decided = [resume]
         dist.broadcast_object_list(decided, src=0)
-        resume = decided[0]
-    return resume
+    if decided[1]:
+        raise ConfigError(decided[1])
+    return decided[0]
 
 
 #: decimals of each metrics.csv column (lr: significant digits instead); the values stay those the run
@@ -400,6 +411,7 @@ def run(cfg: TrainConfig) -> dict:
     log = (lambda msg: print(msg, flush=True)) if master else (lambda msg: None)
     log(f"rmix train: {json.dumps(cfg.to_dict())}")  # the resolved config, as torchvision's print(args)
     out_dir = Path(cfg.save_dir) / cfg.data / cfg.name
+    resume = resolve_resume(cfg, out_dir, world)
 
     # -- data: the loaders own the mix and its history ------------------------------------------
     manifest = load_manifest(cfg.data_dir, cfg.remote())  # a folder, or a URL (shards/remote.py)
@@ -437,7 +449,6 @@ def run(cfg: TrainConfig) -> dict:
 
     # -- resume ----------------------------------------------------------------------------------
     state, start_epoch, mid_epoch = RunState(), 1, False
-    resume = resolve_resume(cfg, out_dir, world)
     # torchrun --max-restarts restarted this node's workers (counted per node: the other nodes' agents restart
     # theirs too, with their count unchanged, so each rank says it for itself)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -507,9 +518,7 @@ def run(cfg: TrainConfig) -> dict:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    metrics_path = out_dir / "metrics.csv"
-    if master and not resume and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
+    metrics_path = out_dir / "metrics.csv"  # a fresh run finds none (resolve_resume); a resumed run appends
     tb = None
     if master:
         try:
