@@ -283,7 +283,44 @@ def test_max_restarts_restarts_every_worker_and_resume_auto_continues(uninterrup
     assert len(list(csv.DictReader(open(run_dir / "metrics.csv")))) == EPOCHS
 
 
+@pytest.mark.slow
+def test_nodes_launched_with_different_flags_end_at_once_naming_them(digits, tmp_path):
+    """Node 1 launched with another --batch_size and --aug: both nodes end within seconds (not after
+    --dist_timeout) with one line naming the flags; each node's own --save_dir may differ (PER_NODE_FLAGS)."""
+    port, started = free_port(), []
+    try:
+        for i, extra in enumerate(([], ["--batch_size", "50", "--aug", "none"])):
+            args = train_args(digits, tmp_path / f"node{i}", dist_timeout=60)
+            args[args.index("--batch_size"):args.index("--batch_size") + 2] = []
+            args[args.index("--aug"):args.index("--aug") + 2] = []
+            args += extra or ["--batch_size", "100", "--aug", "recursive_mix"]
+            started.append(Node(i, port, tmp_path / f"node{i}.log", args))
+        codes = [node.wait(50) for node in started]  # well before --dist_timeout
+        assert all(c != 0 for c in codes), codes
+        for node in started:
+            lines = re.findall(r"^rmix train: .*$", node.text(), re.M)
+            assert lines[-1].startswith("rmix train: the ranks were launched with different flags: --batch_size "), lines
+            assert re.search(r"--batch_size 100 on rank \d, 50 on rank \d; --aug recursive_mix on rank \d, none on "
+                             r"rank \d; launch every node with the same flags$", lines[-1]), lines[-1]
+    finally:
+        for node in started:
+            node.signal_tree(signal.SIGKILL)
+            node.p.wait(30)
+
+
 # -- the pieces, without processes -------------------------------------------------------------------
+def test_differing_flags_are_named_by_rank():
+    from trainers.classify import differing_flags
+
+    base = {"batch_size": 128, "aug": "recursive_mix", "save_dir": "/n0/logs", "schedule": [100, 150]}
+    configs = [dict(base, save_dir=f"/n{r}/logs") for r in range(6)]  # a node-local save_dir is no difference
+    assert differing_flags(configs) is None
+    configs[3]["batch_size"] = configs[4]["batch_size"] = configs[5]["batch_size"] = 256
+    configs[5]["schedule"] = [100]
+    assert differing_flags(configs) == ("the ranks were launched with different flags: --batch_size 128 on ranks 0-2, "
+                                        "256 on ranks 3-5; --schedule 100 150 on ranks 0-4, 100 on rank 5; launch "
+                                        "every node with the same flags")
+
 def test_roll_call_names_the_ranks_that_did_not_answer(monkeypatch):
     store = dist.HashStore()
     monkeypatch.setattr(peers, "_store", lambda: store)

@@ -99,9 +99,61 @@ def resolve_device(spec: str, local_rank: int, world: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+#: flags that may differ between nodes, and why; every other flag must be the same on every rank
+PER_NODE_FLAGS = {
+    "save_dir": "only rank 0 writes; on resume each node reads latest.pth from its own copy",
+    "data_dir": "each node may read its own local copy of the shards",
+    "shard_cache": "the shard cache is node-local",
+    "shard_cache_max_gb": "the shard cache is node-local",
+    "progress": "display only (rank 0's terminal)",
+    "local_rank": "set per process by the seed's launcher, and ignored",
+    "ddp": "accepted for the seed's launcher, and ignored",
+}
+
+
+def _ranks(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'ranks 0-2, 5'."""
+    spans, start = [], ranks[0]
+    for prev, r in zip(ranks, ranks[1:] + [None]):
+        if r is None or r != prev + 1:  # a span ends at prev
+            spans.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = r
+    return ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(spans)
+
+
+def differing_flags(configs: list[dict]) -> Optional[str]:
+    """The one line naming the flags on which the ranks' resolved configs (one per rank, in rank order) differ,
+    ``PER_NODE_FLAGS`` left out; None when they agree."""
+    keys = [k for k in dict.fromkeys(k for c in configs for k in c) if k not in PER_NODE_FLAGS]
+    parts = []
+    for k in keys:
+        values: dict[str, list[int]] = {}  # the value as the command line spells it -> the ranks given it
+        for rank, c in enumerate(configs):
+            v = c.get(k, "(unknown flag)")
+            shown = " ".join(map(str, v)) if isinstance(v, list) else str(v)
+            values.setdefault(shown, []).append(rank)
+        if len(values) > 1:
+            parts.append(f"--{k} " + ", ".join(f"{v} on {_ranks(rs)}" for v, rs in values.items()))
+    if not parts:
+        return None
+    return f"the ranks were launched with different flags: {'; '.join(parts)}; launch every node with the same flags"
+
+
+def check_same_flags(cfg: TrainConfig, world: int) -> None:
+    """Every rank's resolved config against every other's, right after the process group forms: ranks that
+    disagree would issue different collectives and wait on each other until ``--dist_timeout``. Raises the
+    same :class:`ConfigError` on every rank."""
+    configs: list = [None] * world
+    dist.all_gather_object(configs, cfg.to_dict())
+    line = differing_flags(configs)
+    if line:
+        raise ConfigError(line)
+
+
 def setup_distributed(cfg: TrainConfig):
     """Rank, world size and device from the torchrun environment; NCCL on GPU, gloo on CPU. Collectives
-    wait at most ``--dist_timeout`` seconds for a peer (gloo's default is 30 minutes, NCCL's 10)."""
+    wait at most ``--dist_timeout`` seconds for a peer (gloo's default is 30 minutes, NCCL's 10). Ranks
+    launched with different flags end at once, on every rank, with one line naming them."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)), world)
     if device.type == "cuda":
@@ -113,6 +165,7 @@ def setup_distributed(cfg: TrainConfig):
         print(f"rank {rank} of {world}: {where}, local rank {os.environ.get('LOCAL_RANK', 0)}", flush=True)
         if rank == 0 and restart_warning():
             print(restart_warning(), flush=True)
+        check_same_flags(cfg, world)
     return rank, world, device
 
 
@@ -386,6 +439,8 @@ def main(argv=None, cfg: Optional[TrainConfig] = None) -> None:
     try:
         result = run(cfg)
     except (ConfigError, ShardError, CheckpointError) as e:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # before the interpreter's exit tears gloo's threads down
         sys.exit(f"rmix train: {e}")
     except Exception as e:
         if not (dist.is_initialized() and is_peer_failure(e)):
