@@ -173,6 +173,28 @@ def test_sigterm_saves_latest_and_exits_non_zero(digits, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_latest_and_exits_130_without_a_traceback(digits, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: it is handled as SIGTERM is (latest.pth saved at
+    the next step), then the run exits with the shell's status for Ctrl-C."""
+    p = subprocess.Popen([sys.executable, "-m", "tools.cli", "train", "--data", "digits", "--data_dir", str(digits),
+                          "--save_dir", str(tmp_path), "--name", "int", "--model_file", "small",
+                          "--model_name", "small_cnn", "--epoch", "50", "--batch_size", "20", "--print_freq", "2",
+                          "--loader", "memory", "--num_workers", "1"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    for line in p.stdout:
+        if line.startswith("Epoch [1/50]") or time.time() > deadline:
+            break
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "stopped at step" in out and "(SIGINT)" in out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    ckpt = torch.load(tmp_path / "digits" / "int" / "latest.pth", weights_only=False)
+    assert ckpt["step"] >= 2 and ckpt["mid_epoch"]
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_agree(digits, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -292,12 +314,12 @@ def test_data_wait_measures_waiting(digits, tmp_path, delay):
     assert abs(row["data_wait"] - expected) < 0.05, (row, expected)
 
 
-def test_run_gives_back_the_callers_sigterm_handler(digits, tmp_path):
+def test_run_gives_back_the_callers_signal_handlers(digits, tmp_path):
     """A handler left behind would be inherited by every process forked later (shard encoders, DataLoader
-    workers), which SIGTERM could then no longer stop."""
-    before = signal.getsignal(signal.SIGTERM)
+    workers), which SIGTERM or Ctrl-C could then no longer stop."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     run(cfg(digits, tmp_path, loader="memory", stop_after_steps=1))
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 @pytest.fixture(scope="module")

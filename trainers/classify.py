@@ -13,8 +13,9 @@ every step go back to the loader (``record_logits``) as the next step's history.
 
 Exit status: 0 when the run finished (or stopped at ``--stop_after_steps``), 1 with one line on bad
 input, ``EXIT_PREEMPTED`` (143) after SIGTERM once ``latest.pth`` is saved, so a scheduler requeues
-the job instead of counting it as done, ``EXIT_PEER_LOST`` (75) with one line naming the lost rank when
-a peer died or hung for ``--dist_timeout`` seconds (``trainers.peers``).
+the job instead of counting it as done, ``EXIT_INTERRUPTED`` (130) after Ctrl-C (SIGINT), handled as
+SIGTERM is (a second Ctrl-C stops at once, without the save), ``EXIT_PEER_LOST`` (75) with one line
+naming the lost rank when a peer died or hung for ``--dist_timeout`` seconds (``trainers.peers``).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ from .models import build_model
 from .peers import EXIT_PEER_LOST, announce, is_peer_failure, lost_line, restart_warning, roll_call
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the shell's code for "terminated", after latest.pth is saved
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's code for Ctrl-C, after latest.pth is saved
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # each asks for a save of latest.pth at the next step
 
 
 class Stop(Exception):
-    """Raised inside the epoch loop when the run must save ``latest`` and exit (SIGTERM, a step budget)."""
+    """Raised inside the epoch loop when the run must save ``latest`` and exit (a signal, a step budget)."""
 
 
 #: the running sums of an epoch on one rank, in this order: loss * n, roi * n, top-1 hits, top-5 hits, n
@@ -64,8 +67,8 @@ METERS = ("loss_sum", "roi_sum", "top1", "top5", "samples")
 
 @dataclass
 class RunState:
-    """What the epoch loop advances: the global step, the best validation metrics, the stop flag, and the
-    running sums of the epoch in progress (``METERS``, on the device).
+    """What the epoch loop advances: the global step, the best validation metrics, the stop signal received
+    (its name, "" for none), and the running sums of the epoch in progress (``METERS``, on the device).
 
     ``meters`` is set by :func:`train_one_epoch` while an epoch runs (and cleared at its end), so a mid-epoch
     checkpoint can save it; a run resumed mid-epoch sets it from the checkpoint, and the interrupted epoch's
@@ -74,7 +77,7 @@ class RunState:
 
     step: int = 0
     best: dict = field(default_factory=lambda: {"acc1": 0.0, "acc5": 0.0, "epoch": 0})
-    sigterm: bool = False
+    stop_signal: str = ""
     meters: Optional[torch.Tensor] = None
 
 
@@ -289,7 +292,7 @@ def train_one_epoch(ddp_model, loader, optimizer, scaler, cfg: TrainConfig, epoc
     each step's logits when it has one) and return the epoch's reduced metrics.
 
     Metrics accumulate on the device (``state.meters``, continued when a resume set them) and are read once
-    per ``print_freq`` steps. Raises :class:`Stop` when ``should_stop()`` says so (SIGTERM, a step budget),
+    per ``print_freq`` steps. Raises :class:`Stop` when ``should_stop()`` says so (a signal, a step budget),
     with ``state.meters`` still holding the epoch's sums.
     """
     record = getattr(loader, "record_logits", None)
@@ -438,6 +441,9 @@ def main(argv=None, cfg: Optional[TrainConfig] = None) -> None:
         cfg = parse_or_exit(argv)
     try:
         result = run(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training began (nothing to save) or a second one during it
+        print("rmix train: interrupted; latest.pth was not saved by this run", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     except (ConfigError, ShardError, CheckpointError) as e:
         if dist.is_initialized():
             dist.destroy_process_group()  # before the interpreter's exit tears gloo's threads down
@@ -453,7 +459,7 @@ def main(argv=None, cfg: Optional[TrainConfig] = None) -> None:
         print(lost_line(rank, e, silent, grace), file=sys.stderr, flush=True)
         sys.exit(EXIT_PEER_LOST)
     if result.get("preempted"):
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(EXIT_INTERRUPTED if result["preempted"] == "SIGINT" else EXIT_PREEMPTED)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -556,21 +562,28 @@ def run(cfg: TrainConfig) -> dict:
                 "loader": [r[0] for r in ranks], "meters": [r[1] for r in ranks] if in_epoch else None,
                 "rng": rng_state(), "config": cfg.to_dict()})
 
-    # SIGTERM asks for a save at the next step; the caller's handler comes back when run() returns (a
+    # SIGTERM or Ctrl-C asks for a save at the next step; the caller's handlers come back when run() returns (a
     # handler left behind would be inherited by every process forked later and make it unkillable)
-    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: setattr(state, "sigterm", True))
+    def on_signal(signum, frame) -> None:
+        if signum == signal.SIGINT and state.stop_signal:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the save
+        state.stop_signal = state.stop_signal or signal.Signals(signum).name
+
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
 
     def should_stop() -> bool:
-        """SIGTERM or the step budget. With DDP every rank must stop at the same step (the save
+        """A stop signal or the step budget. With DDP every rank must stop at the same step (the save
         gathers every rank's loader state), so ranks agree on the flag every 20 steps."""
         if cfg.stop_after_steps and state.step >= cfg.stop_after_steps:
             return True
         if world == 1:
-            return state.sigterm
+            return bool(state.stop_signal)
         if state.step % 20:
             return False
-        flag = torch.tensor([float(state.sigterm)], device=device)
+        flag = torch.tensor([float(bool(state.stop_signal))], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not state.stop_signal:
+            state.stop_signal = "a signal to another rank"  # this rank saves and exits as preempted too
         return bool(flag.item())
 
     metrics_path = out_dir / "metrics.csv"  # a fresh run finds none (resolve_resume); a resumed run appends
@@ -612,11 +625,12 @@ def run(cfg: TrainConfig) -> dict:
                 f"loss {row['train_loss']:.4f}\t{row['img_per_s']:.0f} img/s\tdata-wait {100 * row['data_wait']:.1f}%")
     except Stop:
         save("latest", epoch, in_epoch=train_loader.position > 0)
-        how = "SIGTERM" if state.sigterm else f"--stop_after_steps {cfg.stop_after_steps}"
+        how = state.stop_signal or f"--stop_after_steps {cfg.stop_after_steps}"
         log(f"=> stopped at step {state.step} ({how}); saved {out_dir / 'latest.pth'} (resume with --resume latest)")
-        result = {"stopped_at_step": state.step, **({"preempted": True} if state.sigterm else {})}
+        result = {"stopped_at_step": state.step, **({"preempted": state.stop_signal} if state.stop_signal else {})}
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     if world > 1:
         print(f"rank {rank}: final {json.dumps({k: round(v, 6) for k, v in result.items()})}", flush=True)
         dist.destroy_process_group()
