@@ -232,6 +232,7 @@ def _bad_checkpoints(tmp):
     (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
     (["--aug", "cutmix", "--aug_alpha", "-1"], "--aug_alpha must be > 0, got -1.0"),
     (["--batch_size", "5000"], "--batch_size 5000 is larger than the train split (1500 samples"),
+    (["--batch_size", "5000", "--loader", "dali"], "--batch_size 5000 is larger than the train split (1500 samples"),
     (["--model_name", "resnet999"], "unknown CIFAR-size model --model_file small --model_name resnet999"),
     (["--resume", "{tmp}/corrupt.pth"], "corrupt.pth is not a readable checkpoint"),
     (["--resume", "{tmp}/other.pth"], "other.pth is not a checkpoint of `rmix train`"),
@@ -367,3 +368,22 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(digits, stopped_mid_
     assert e.value.code == (f"rmix train: {run_dir} holds a run (latest.pth, metrics.csv): continue it with "
                             "--resume latest, or start another with another --name")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_torchrun_with_fewer_shards_than_ranks_is_one_line_per_rank(tmp_path):
+    """The torch loader splits ranks by shard: one train shard for two ranks ends in its one line on each rank,
+    not inside a traceback."""
+    build(ShardParams(dataset="digits", formats=["wds"], samples_per_shard=2000), None, tmp_path, workers=1,
+          progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                        "-m", "trainers.classify", "--data_dir", str(tmp_path / "digits"), "--save_dir",
+                        str(tmp_path / "logs"), "--model_file", "small", "--model_name", "small_cnn", "--epoch", "1",
+                        "--batch_size", "100", "--loader", "torch", "--num_workers", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert r.returncode != 0
+    worker_err = r.stderr.split("failed (exitcode")[0]  # what the ranks wrote, before torchrun's own summary
+    lines = [l for l in worker_err.splitlines() if l.startswith("rmix train: ")]
+    assert len(lines) == 2 and all("split 'train' has 1 webdataset shard(s) for 2 ranks" in l for l in lines), r.stderr
+    assert "Traceback" not in worker_err, worker_err[-3000:]

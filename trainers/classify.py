@@ -482,17 +482,20 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.batch_size % world:
         raise ConfigError(f"--batch_size {cfg.batch_size} is not divisible by the world size {world}")
     per_rank = cfg.batch_size // world
+    n_train = int(manifest["splits"].get("train", {}).get("num_samples", 0))
+    if n_train // world < per_rank:  # before a loader is built: DALI's own message names neither flag nor split
+        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the train split ({n_train} samples over "
+                          f"{world} rank(s)): no training step would run")
     preset = ("imagenet_train_plus" if cfg.aug_plus else "imagenet_train") if cfg.data == "imagenet" else None
     common = dict(backend=cfg.loader, device=device, rank=rank, world_size=world, seed=cfg.random_seed,
                   channels_last=cfg.channels_last, num_workers=max(1, -(-cfg.num_workers // world)),
                   remote=cfg.remote())
-    train_loader = build_loader(manifest, "train", batch_size=per_rank, train=True, preset=preset,
-                                mix=build_train_mix(cfg, num_classes, rank), **common)
-    val_loader = build_loader(manifest, "val", batch_size=per_rank, train=False, **common)
-    if len(train_loader) == 0:
-        n = manifest["splits"]["train"]["num_samples"]
-        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the train split ({n} samples over "
-                          f"{world} rank(s)): no training step would run")
+    try:  # a loader's ValueError is its one line on what it cannot read (pipelines.loader)
+        train_loader = build_loader(manifest, "train", batch_size=per_rank, train=True, preset=preset,
+                                    mix=build_train_mix(cfg, num_classes, rank), **common)
+        val_loader = build_loader(manifest, "val", batch_size=per_rank, train=False, **common)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     # -- model, optimizer, precision -------------------------------------------------------------
     try:
