@@ -387,3 +387,25 @@ def test_torchrun_with_fewer_shards_than_ranks_is_one_line_per_rank(tmp_path):
     lines = [l for l in worker_err.splitlines() if l.startswith("rmix train: ")]
     assert len(lines) == 2 and all("split 'train' has 1 webdataset shard(s) for 2 ranks" in l for l in lines), r.stderr
     assert "Traceback" not in worker_err, worker_err[-3000:]
+
+
+@pytest.mark.parametrize("damage", ["header", "data"])
+def test_an_undecodable_image_with_dali_is_one_line_naming_shard_and_sample(digits, tmp_path, damage):
+    """An image's bytes overwritten in place (the sizes and the .idx still agree, so the start checks pass).
+    DALI names the sample when the data is damaged, and nothing when the header is: the loader finds it."""
+    import tarfile
+
+    shutil.copytree(digits, tmp_path / "digits")
+    tar = tmp_path / "digits" / "wds" / "train-000001.tar"
+    with tarfile.open(tar) as tf:
+        member = [m for m in tf.getmembers() if m.name.endswith(".png")][1]
+    with open(tar, "r+b") as f:  # header: the whole image zeroed; data: the pixels after the header chunks
+        f.seek(member.offset_data + (0 if damage == "header" else 200))
+        f.write(b"\0" * (member.size - (0 if damage == "header" else 400)))
+    key = member.name[: -len(".png")]
+    with pytest.raises(SystemExit) as e:
+        main(["--data_dir", str(tmp_path / "digits"), "--save_dir", str(tmp_path / "logs"), "--model_file", "small",
+              "--model_name", "small_cnn", "--epoch", "1", "--batch_size", "100", "--loader", "dali",
+              "--num_workers", "1"])
+    said = str(e.value.code)
+    assert said.startswith(f"rmix train: {tar}: sample {key}: DALI cannot decode its image (") and "\n" not in said, said
