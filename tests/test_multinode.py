@@ -61,12 +61,16 @@ def train_args(digits, save_dir, *extra, dist_timeout=30):
 class Node:
     """One torchrun launcher (a "node" of one worker) in its own session, its output in a file."""
 
-    def __init__(self, index: int, port: int, log: Path, args, max_restarts: int = 0, env=None, rdzv_conf=""):
-        self.index, self.log = index, log
+    def __init__(self, index: int, port: int, log: Path, args, max_restarts: int = 0, env=None, rdzv_conf="",
+                 worker_logs: Path = None):
+        """``worker_logs``: a folder where torchrun also writes each worker's own stdout and stderr
+        (``--log-dir --tee``), apart from the launcher's output."""
+        self.index, self.log, self.worker_logs = index, log, worker_logs
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={index}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mn",
                # node 0 hosts the rendezvous store, as the node whose address is the endpoint does
                f"--rdzv_conf=is_host={int(index == 0)}{rdzv_conf}", f"--max-restarts={max_restarts}",
+               *([f"--log-dir={worker_logs}", "--tee=3"] if worker_logs else []),
                "-m", "trainers.classify", *args]
         with open(log, "w") as out:
             self.p = subprocess.Popen(cmd, cwd=REPO, env=dict(ENV, **(env or {})), stdout=out, stderr=subprocess.STDOUT,
@@ -74,6 +78,10 @@ class Node:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def worker_text(self, stream: str = "stderr") -> str:
+        """What this node's worker wrote to ``stream``, without the launcher's own output (``worker_logs``)."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.worker_logs.rglob(f"{stream}.log")))
 
     def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
         deadline = time.time() + timeout
@@ -261,6 +269,33 @@ def test_a_lost_node_ends_the_job_on_the_other_naming_the_rank(digits, tmp_path,
     else:
         assert timeout <= took < timeout + 60
     pair[1].signal_tree(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_store_host_lost_leaves_the_survivor_one_line(digits, tmp_path):
+    """Node 0 hosts the rendezvous store the workers share: when it dies, the survivor's worker says in its one
+    line that the store's node was lost, with no traceback and no C++ frames of the store's client before it
+    (torchrun's own agent on the survivor reports the lost rendezvous in its own words: not the trainer's)."""
+    port, pair = free_port(), []
+    try:
+        for i in range(2):
+            pair.append(Node(i, port, tmp_path / f"node{i}.log", train_args(digits, tmp_path, dist_timeout=10),
+                             worker_logs=tmp_path / f"workers{i}"))
+        deadline = time.time() + 240
+        while not any(re.search(r"Epoch \[1/2\]\[3/15\]", node.text()) for node in pair):
+            assert time.time() < deadline and all(node.p.poll() is None for node in pair), pair[0].text()[-3000:]
+            time.sleep(0.05)
+        pair[0].signal_tree(signal.SIGKILL)
+        assert pair[1].wait(90) != 0
+        err = pair[1].worker_text("stderr")
+        assert re.search(r"^rmix train: rank \d lost its peers: the store at \S+ is gone too: the node hosting it "
+                         r"\(node 0, or rank 0's\) was lost \[.*\]; exiting$", err, re.M), err[-3000:]
+        for noise in ("Traceback", "Exception in thread", "frame #", "TCPStore.cpp"):
+            assert noise not in err, err[-3000:]
+    finally:
+        for node in pair:
+            node.signal_tree(signal.SIGKILL)
+            node.p.wait(30)
 
 
 @pytest.mark.slow
