@@ -139,3 +139,16 @@ def test_train_flag_choices_are_the_registries():
     assert config.BACKENDS == tuple(pipelines.BACKENDS)
     assert config.MIXES == tuple(rmix.MIXES)
     assert (config.INTERPOLATIONS, config.BOX_MODES) == (recursive_mix.INTERPOLATIONS, recursive_mix.BOX_MODES)
+
+
+@pytest.mark.parametrize("work_dir", ["empty", "mistyped"])
+def test_mm_train_resume_without_a_checkpoint_in_the_work_dir_is_one_line(tmp_path, work_dir):
+    """A bare --resume means the work dir's latest checkpoint: where there is none (an empty or mistyped work
+    dir) mmengine would log 'resumed from None' and train from scratch."""
+    pytest.importorskip("mmseg")
+    (tmp_path / "empty").mkdir()
+    r = run("mm", "train", "upernet_r50_8xb2-80k_ade20k-512x512", "--resume", "--work-dir", str(tmp_path / work_dir))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"rmix mm train: --resume: no checkpoint in the work dir "
+                                             f"{tmp_path / work_dir} (check --work-dir; --resume auto resumes only "
+                                             "when there is one)"], r.stderr[-2000:]

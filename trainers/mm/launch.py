@@ -44,7 +44,7 @@ class MMArgs:
     checkpoint: Optional[str] = None          # test: the trained detector / segmentor
     backbone: Optional[str] = None            # train: our export, replaces model.backbone.init_cfg.checkpoint
     work_dir: Optional[str] = None
-    resume: Optional[str] = None              # "auto" (latest in work_dir) or a checkpoint path
+    resume: Optional[str] = None              # "latest" (in work_dir, required), "auto" (latest if any) or a path
     data_root: Optional[str] = None
     cfg_options: dict = field(default_factory=dict)
     loader: str = "stock"                     # "dali": our DALI loaders (trainers/mm/dali_loop.py)
@@ -306,9 +306,15 @@ def train(args: MMArgs) -> dict:
         set_backbone(cfg, args.backbone)
     if args.resume:
         cfg.resume = True
-        cfg.load_from = None if args.resume == "auto" else args.resume
+        cfg.load_from = None if args.resume in ("auto", "latest") else args.resume
         if cfg.load_from and not osp.isfile(cfg.load_from):
             raise MMError(f"--resume: no checkpoint at {cfg.load_from}")
+        if args.resume == "latest":  # mmengine would log "resumed from None" and train from scratch
+            from mmengine.runner import find_latest_checkpoint
+
+            if find_latest_checkpoint(cfg.work_dir) is None:
+                raise MMError(f"--resume: no checkpoint in the work dir {cfg.work_dir} (check --work-dir; "
+                              "--resume auto resumes only when there is one)")
     check_backbone(cfg)  # also on resume: mmengine initialises the weights before it loads the checkpoint
     check_data(cfg, ("train_dataloader", "val_dataloader") if cfg.get("val_cfg") else ("train_dataloader",))
     if (cfg.get("randomness") or {}).get("seed") is None:
