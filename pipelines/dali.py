@@ -25,7 +25,9 @@ each ``.idx`` against the manifest and the tar headers at its offsets before bui
 :class:`ShardError` line naming the shard and the sample: DALI names them when the image's data is
 damaged (``Failed to decode sample #i : TAR:OFFSET:MEMBER``); when it cannot even parse the header it
 names neither, and the loader finds the sample by reading the headers of this rank's shards
-(:func:`first_unreadable_image`).
+(:func:`first_unreadable_image`). On such a header DALI 2.4's CPU decoder crashes the process in most runs
+(SIGSEGV in ``dali::imgcodec::ImageDecoder``) before it can raise: ``rmix verify`` names that sample. A
+bad image in the first batch fails while the loader is built (DALI's iterator reads that batch then).
 
 Why the mix runs after the iterator and not inside the graph: measured in ``rmix bench`` (see
 ``tools/bench/loaders.py``); the paste is a few strided copies of a batch that is already on the device,
@@ -295,7 +297,9 @@ class DaliLoader(Loader):
             batch_size=self.batch_size, num_threads=self.num_workers, device_id=self._device_id,
             seed=derive_seed(self.seed, self.rank, 0, "reader"), prefetch_queue_depth=2, checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        with too_few_samples_is_one_line(f"{self.manifest['root']} split {self.split!r}", self.world_size):
+        # DALI's iterator reads its first batch as it is built: a bad image there fails here
+        with too_few_samples_is_one_line(f"{self.manifest['root']} split {self.split!r}", self.world_size), \
+                self._decode_errors_are_one_line():
             if self.host_crop:
                 return HostCropIterator(pipe, self._resize_on_host, reader_name="reader", auto_reset=True,
                                         last_batch_policy=policy)
@@ -335,19 +339,21 @@ class DaliLoader(Loader):
 
     def _batches(self, start: int) -> Iterator:
         # ``start`` needs no skipping: a restored pipeline resumes where its checkpoint was taken
-        it = iter(self._iterator)
-        while True:
-            try:
-                out = next(it)
-            except StopIteration:
-                return
-            except RuntimeError as e:
-                error = decode_error(e, self._rank_files(), self._ext, self.manifest["root"], self.split)
-                if error is None:
-                    raise
-                raise error from None
-            images, raw = out[0]["images"], out[0]["labels"]
-            yield images, decode_ascii_labels(raw.to(images.device, non_blocking=True))
+        with self._decode_errors_are_one_line():
+            for out in self._iterator:
+                images, raw = out[0]["images"], out[0]["labels"]
+                yield images, decode_ascii_labels(raw.to(images.device, non_blocking=True))
+
+    @contextmanager
+    def _decode_errors_are_one_line(self):
+        """A decoder's error inside the block becomes the one-line ShardError of :func:`decode_error`."""
+        try:
+            yield
+        except RuntimeError as e:
+            error = decode_error(e, self._rank_files(), self._ext, self.manifest["root"], self.split)
+            if error is None:
+                raise
+            raise error from None
 
     def _rank_files(self) -> list[str]:
         """The shards holding this rank's samples: DALI gives shard ``r`` of ``W`` the samples

@@ -389,23 +389,49 @@ def test_torchrun_with_fewer_shards_than_ranks_is_one_line_per_rank(tmp_path):
     assert "Traceback" not in worker_err, worker_err[-3000:]
 
 
-@pytest.mark.parametrize("damage", ["header", "data"])
-def test_an_undecodable_image_with_dali_is_one_line_naming_shard_and_sample(digits, tmp_path, damage):
-    """An image's bytes overwritten in place (the sizes and the .idx still agree, so the start checks pass).
-    DALI names the sample when the data is damaged, and nothing when the header is: the loader finds it."""
+def _damage_second_image(tar: Path, damage: str) -> str:
+    """Overwrite the bytes of the tar's second image in place (the sizes and the .idx still agree, so the start
+    checks pass): ``header`` zeroes all of it, ``data`` the pixels after its header chunks. Returns its key."""
     import tarfile
 
-    shutil.copytree(digits, tmp_path / "digits")
-    tar = tmp_path / "digits" / "wds" / "train-000001.tar"
     with tarfile.open(tar) as tf:
         member = [m for m in tf.getmembers() if m.name.endswith(".png")][1]
-    with open(tar, "r+b") as f:  # header: the whole image zeroed; data: the pixels after the header chunks
+    with open(tar, "r+b") as f:
         f.seek(member.offset_data + (0 if damage == "header" else 200))
         f.write(b"\0" * (member.size - (0 if damage == "header" else 400)))
-    key = member.name[: -len(".png")]
+    return member.name[: -len(".png")]
+
+
+def test_an_undecodable_image_with_dali_is_one_line_naming_shard_and_sample(digits, tmp_path):
+    """A PNG whose pixel data is damaged: DALI names the sample in its error, the trainer says it in one line."""
+    shutil.copytree(digits, tmp_path / "digits")
+    tar = tmp_path / "digits" / "wds" / "train-000001.tar"
+    key = _damage_second_image(tar, "data")
     with pytest.raises(SystemExit) as e:
         main(["--data_dir", str(tmp_path / "digits"), "--save_dir", str(tmp_path / "logs"), "--model_file", "small",
               "--model_name", "small_cnn", "--epoch", "1", "--batch_size", "100", "--loader", "dali",
               "--num_workers", "1"])
     said = str(e.value.code)
-    assert said.startswith(f"rmix train: {tar}: sample {key}: DALI cannot decode its image (") and "\n" not in said, said
+    assert said.startswith(f"rmix train: {tar}: sample {key}: DALI cannot decode its image (damaged data)"), said
+    assert "\n" not in said
+
+
+def test_an_image_header_dali_cannot_parse_is_found_in_the_ranks_shards(digits, tmp_path):
+    """Where nvImageCodec cannot parse an image's header, DALI's error names no sample: the loader reads the
+    headers of the rank's shards and names it. DALI's message is the one DALI 2.4's CPU decoder gives (running
+    DALI on such an image here crashes it in most runs, in dali::imgcodec::ImageDecoder, before it raises)."""
+    from pipelines.dali import decode_error
+
+    shutil.copytree(digits, tmp_path / "digits")
+    tar = tmp_path / "digits" / "wds" / "train-000001.tar"
+    key = _damage_second_image(tar, "header")
+    said = RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\nwhich was "
+                        "used in the pipeline definition with the following traceback:\n\n  File \"pipelines/dali.py\", "
+                        "line 147, in augment\n\nencountered:\n\nnvImageCodec failure: '#4'\nCurrent pipeline object "
+                        "is no longer valid.")
+    files = sorted(str(p) for p in (tmp_path / "digits" / "wds").glob("train-*.tar"))
+    error = decode_error(said, files, "png", str(tmp_path / "digits"), "train")
+    assert str(error) == (f"{tar}: sample {key}: DALI cannot decode its image (not an image file; DALI: "
+                          f"nvImageCodec failure: '#4'); rebuild that shard (rmix verify {tmp_path / 'digits'} lists "
+                          "every such sample)")
+    assert decode_error(RuntimeError("Critical error in pipeline: out of memory"), files, "png", "r", "train") is None
