@@ -21,7 +21,13 @@ DALI's own checkpointing (``enable_checkpointing``).
 Start checks (:mod:`pipelines.checks`): DALI reads each sample at the offset its ``.idx`` lists and
 never parses the tar, so a damaged ``.idx`` or tar would silently feed wrong bytes; the loader checks
 each ``.idx`` against the manifest and the tar headers at its offsets before building the graph.
-``rmix verify`` is the full (pixel-level) check.
+``rmix verify`` is the full (pixel-level) check. An image DALI cannot decode ends the pass in one
+:class:`ShardError` line naming the shard and the sample: DALI names them when the image's data is
+damaged (``Failed to decode sample #i : TAR:OFFSET:MEMBER``); when it cannot even parse the header it
+names neither, and the loader finds the sample by reading the headers of this rank's shards
+(:func:`first_unreadable_image`). On such a header DALI 2.4's CPU decoder crashes the process in most runs
+(SIGSEGV in ``dali::imgcodec::ImageDecoder``) before it can raise: ``rmix verify`` names that sample. A
+bad image in the first batch fails while the loader is built (DALI's iterator reads that batch then).
 
 Why the mix runs after the iterator and not inside the graph: measured in ``rmix bench`` (see
 ``tools/bench/loaders.py``); the paste is a few strided copies of a batch that is already on the device,
@@ -31,6 +37,7 @@ while feeding history back through ``external_source`` would serialise the pipel
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +48,8 @@ import numpy as np
 import torch
 
 from shards.checks import check_wds_split
-from shards.reader import split_files
+from shards.errors import ShardError
+from shards.reader import iter_tar, split_files
 
 from .loader import Loader, decode_ascii_labels
 from .presets import Preset
@@ -92,6 +100,47 @@ def too_few_samples_is_one_line(what: str, world_size: int):
             raise
         raise ValueError(f"{what}: {m.group(1)} sample(s) for {world_size} ranks, and DALI gives every rank at "
                          f"least one; use at most {m.group(1)} ranks for it") from None
+
+
+# what DALI's decoders say when an image's data is damaged; its source info is TAR:OFFSET:MEMBER
+_DALI_NAMES_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (?P<tar>.+):\d+:(?P<member>[^\s:]+)$", re.M)
+_DECODER_OPERATORS = ("fn.decoders.image", "fn.decoders.image_random_crop")
+
+
+def first_unreadable_image(files: Sequence[str], ext: str) -> Optional[tuple[str, str, str]]:
+    """``(tar, sample key, why)`` of the first sample in ``files`` whose image header PIL cannot read, or None.
+    Streams the tars (:func:`shards.reader.iter_tar`) and parses headers only, no pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    for tar in files:
+        for key, members in iter_tar(tar, fields={ext}):
+            try:
+                Image.open(io.BytesIO(members.get(ext) or b"")).close()
+            except UnidentifiedImageError:
+                return str(tar), key, "not an image file"
+            except Exception as e:  # noqa: BLE001 -- whatever PIL says is the reason
+                return str(tar), key, (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
+def decode_error(e: RuntimeError, files: Sequence[str], ext: str, root: str, split: str) -> Optional[ShardError]:
+    """The one-line :class:`ShardError` for DALI's error ``e`` when a decoder failed on one of ``files`` (the
+    shards this rank reads), naming the shard and the sample; None for any other error."""
+    text = str(e)
+    if not any(f"`nvidia.dali.{op}`" in text for op in _DECODER_OPERATORS):
+        return None
+    fix = f"rebuild that shard (rmix verify {root} lists every such sample)"
+    m = _DALI_NAMES_SAMPLE.search(text)
+    if m:
+        member = m.group("member")
+        key = member[: -len(ext) - 1] if member.endswith("." + ext) else member
+        return ShardError(f"{m.group('tar')}: sample {key}: DALI cannot decode its image (damaged data); {fix}")
+    said = (text.split("encountered:", 1)[-1].strip().splitlines() or ["no reason given"])[0]
+    found = first_unreadable_image(files, ext)
+    if found:
+        tar, key, why = found
+        return ShardError(f"{tar}: sample {key}: DALI cannot decode its image ({why}; DALI: {said}); {fix}")
+    return ShardError(f"{root} split {split!r}: DALI cannot decode an image ({said}); rmix verify {root} names it")
 
 
 def dali_device_id(device: torch.device) -> Optional[int]:
@@ -248,7 +297,9 @@ class DaliLoader(Loader):
             batch_size=self.batch_size, num_threads=self.num_workers, device_id=self._device_id,
             seed=derive_seed(self.seed, self.rank, 0, "reader"), prefetch_queue_depth=2, checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        with too_few_samples_is_one_line(f"{self.manifest['root']} split {self.split!r}", self.world_size):
+        # DALI's iterator reads its first batch as it is built: a bad image there fails here
+        with too_few_samples_is_one_line(f"{self.manifest['root']} split {self.split!r}", self.world_size), \
+                self._decode_errors_are_one_line():
             if self.host_crop:
                 return HostCropIterator(pipe, self._resize_on_host, reader_name="reader", auto_reset=True,
                                         last_batch_policy=policy)
@@ -288,9 +339,30 @@ class DaliLoader(Loader):
 
     def _batches(self, start: int) -> Iterator:
         # ``start`` needs no skipping: a restored pipeline resumes where its checkpoint was taken
-        for out in self._iterator:
-            images, raw = out[0]["images"], out[0]["labels"]
-            yield images, decode_ascii_labels(raw.to(images.device, non_blocking=True))
+        with self._decode_errors_are_one_line():
+            for out in self._iterator:
+                images, raw = out[0]["images"], out[0]["labels"]
+                yield images, decode_ascii_labels(raw.to(images.device, non_blocking=True))
+
+    @contextmanager
+    def _decode_errors_are_one_line(self):
+        """A decoder's error inside the block becomes the one-line ShardError of :func:`decode_error`."""
+        try:
+            yield
+        except RuntimeError as e:
+            error = decode_error(e, self._rank_files(), self._ext, self.manifest["root"], self.split)
+            if error is None:
+                raise
+            raise error from None
+
+    def _rank_files(self) -> list[str]:
+        """The shards holding this rank's samples: DALI gives shard ``r`` of ``W`` the samples
+        ``[n * r // W, n * (r + 1) // W)`` of the files' concatenation."""
+        counts = [int(s["num_samples"]) for s in self.manifest["splits"][self.split]["wds"]["shards"]]
+        n = sum(counts)
+        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        starts = np.cumsum([0] + counts[:-1])
+        return [f for f, a, c in zip(self._files, starts, counts) if a < hi and a + c > lo]
 
     def _backend_state(self) -> Any:
         return self._iterator.checkpoints()[0]

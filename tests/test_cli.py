@@ -111,3 +111,44 @@ def test_bench_dense_runs_every_cell_side_by_side(tmp_path, capsys):
         assert s["mix_ms_per_batch"] > 0 and s["batch_ms_rm_off"] > 0
         assert s["rm_cost_dali_rounds"][0] <= s["rm_cost_dali"] <= s["rm_cost_dali_rounds"][1]
     assert "too few to tell it from noise" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--help"], "(default: dali)"),
+    (["--aug", "mixmatch"], "invalid choice: 'mixmatch'"),
+    (["--lr", "-1"], "rmix train: --lr must be > 0, got -1.0"),
+])
+def test_train_answers_help_and_bad_flags_before_importing_torch(args, said):
+    """``rmix train --help`` and a bad flag are answered by the parser alone: torch and the loaders (seconds
+    of imports) are not loaded for them, and --help shows the defaults."""
+    code = ("import sys\nfrom tools import cli\ntry:\n    cli.main(['train', *sys.argv[1:]])\nexcept SystemExit as e:\n"
+            "    print(e.code, file=sys.stderr)\n"
+            "print('torch' in sys.modules, 'pipelines' in sys.modules, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert said in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "False False", r.stderr[-2000:]
+
+
+def test_train_flag_choices_are_the_registries():
+    """trainers.config spells the choices (it must not import torch); they are the registries' names."""
+    import pipelines
+    import rmix
+    from rmix import recursive_mix
+    from trainers import config
+
+    assert config.BACKENDS == tuple(pipelines.BACKENDS)
+    assert config.MIXES == tuple(rmix.MIXES)
+    assert (config.INTERPOLATIONS, config.BOX_MODES) == (recursive_mix.INTERPOLATIONS, recursive_mix.BOX_MODES)
+
+
+@pytest.mark.parametrize("work_dir", ["empty", "mistyped"])
+def test_mm_train_resume_without_a_checkpoint_in_the_work_dir_is_one_line(tmp_path, work_dir):
+    """A bare --resume means the work dir's latest checkpoint: where there is none (an empty or mistyped work
+    dir) mmengine would log 'resumed from None' and train from scratch."""
+    pytest.importorskip("mmseg")
+    (tmp_path / "empty").mkdir()
+    r = run("mm", "train", "upernet_r50_8xb2-80k_ade20k-512x512", "--resume", "--work-dir", str(tmp_path / work_dir))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"rmix mm train: --resume: no checkpoint in the work dir "
+                                             f"{tmp_path / work_dir} (check --work-dir; --resume auto resumes only "
+                                             "when there is one)"], r.stderr[-2000:]

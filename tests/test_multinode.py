@@ -61,12 +61,16 @@ def train_args(digits, save_dir, *extra, dist_timeout=30):
 class Node:
     """One torchrun launcher (a "node" of one worker) in its own session, its output in a file."""
 
-    def __init__(self, index: int, port: int, log: Path, args, max_restarts: int = 0, env=None, rdzv_conf=""):
-        self.index, self.log = index, log
+    def __init__(self, index: int, port: int, log: Path, args, max_restarts: int = 0, env=None, rdzv_conf="",
+                 worker_logs: Path = None):
+        """``worker_logs``: a folder where torchrun also writes each worker's own stdout and stderr
+        (``--log-dir --tee``), apart from the launcher's output."""
+        self.index, self.log, self.worker_logs = index, log, worker_logs
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={index}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mn",
                # node 0 hosts the rendezvous store, as the node whose address is the endpoint does
                f"--rdzv_conf=is_host={int(index == 0)}{rdzv_conf}", f"--max-restarts={max_restarts}",
+               *([f"--log-dir={worker_logs}", "--tee=3"] if worker_logs else []),
                "-m", "trainers.classify", *args]
         with open(log, "w") as out:
             self.p = subprocess.Popen(cmd, cwd=REPO, env=dict(ENV, **(env or {})), stdout=out, stderr=subprocess.STDOUT,
@@ -74,6 +78,10 @@ class Node:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def worker_text(self, stream: str = "stderr") -> str:
+        """What this node's worker wrote to ``stream``, without the launcher's own output (``worker_logs``)."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.worker_logs.rglob(f"{stream}.log")))
 
     def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
         deadline = time.time() + timeout
@@ -191,6 +199,12 @@ def reference_dir(uninterrupted) -> Path:
     return uninterrupted["tmp"] / f"node{writer}" / "digits" / "mn"
 
 
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv without its wall-clock columns (img_per_s, data_wait)."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in ("img_per_s", "data_wait")} for row in csv.DictReader(f)]
+
+
 def assert_same_as_uninterrupted(run_dir: Path, fin: dict, uninterrupted) -> None:
     assert set(fin) == {0, 1} and [fin[r]["step"] for r in (0, 1)] == [EPOCHS * STEPS_PER_EPOCH] * 2
     assert [fin[r]["val_samples"] for r in (0, 1)] == [VAL_SAMPLES] * 2
@@ -225,6 +239,8 @@ def test_resume_latest_after_the_whole_job_is_stopped(uninterrupted, digits, tmp
     assert re.search(r"=> resumed \S+latest\.pth \(epoch 2, mid-epoch, step 20\)", text), text[-3000:]
     assert_same_as_uninterrupted(run_dir, finals(*again), uninterrupted)
     assert len(list(csv.DictReader(open(run_dir / "metrics.csv")))) == EPOCHS
+    # the interrupted epoch's row too: every rank's running sums came back from latest.pth
+    assert metrics_rows(run_dir) == metrics_rows(reference_dir(uninterrupted))
 
 
 @pytest.mark.slow
@@ -256,6 +272,33 @@ def test_a_lost_node_ends_the_job_on_the_other_naming_the_rank(digits, tmp_path,
 
 
 @pytest.mark.slow
+def test_the_store_host_lost_leaves_the_survivor_one_line(digits, tmp_path):
+    """Node 0 hosts the rendezvous store the workers share: when it dies, the survivor's worker says in its one
+    line that the store's node was lost, with no traceback and no C++ frames of the store's client before it
+    (torchrun's own agent on the survivor reports the lost rendezvous in its own words: not the trainer's)."""
+    port, pair = free_port(), []
+    try:
+        for i in range(2):
+            pair.append(Node(i, port, tmp_path / f"node{i}.log", train_args(digits, tmp_path, dist_timeout=10),
+                             worker_logs=tmp_path / f"workers{i}"))
+        deadline = time.time() + 240
+        while not any(re.search(r"Epoch \[1/2\]\[3/15\]", node.text()) for node in pair):
+            assert time.time() < deadline and all(node.p.poll() is None for node in pair), pair[0].text()[-3000:]
+            time.sleep(0.05)
+        pair[0].signal_tree(signal.SIGKILL)
+        assert pair[1].wait(90) != 0
+        err = pair[1].worker_text("stderr")
+        assert re.search(r"^rmix train: rank \d lost its peers: the store at \S+ is gone too: the node hosting it "
+                         r"\(node 0, or rank 0's\) was lost \[.*\]; exiting$", err, re.M), err[-3000:]
+        for noise in ("Traceback", "Exception in thread", "frame #", "TCPStore.cpp"):
+            assert noise not in err, err[-3000:]
+    finally:
+        for node in pair:
+            node.signal_tree(signal.SIGKILL)
+            node.p.wait(30)
+
+
+@pytest.mark.slow
 def test_max_restarts_restarts_every_worker_and_resume_auto_continues(uninterrupted, digits, tmp_path, nodes):
     """One worker killed in epoch 2 (its agent lives): with --max-restarts=1 both agents restart their
     workers, which pick up latest.pth (end of epoch 1) by themselves with --resume auto. The launchers
@@ -275,7 +318,44 @@ def test_max_restarts_restarts_every_worker_and_resume_auto_continues(uninterrup
     assert len(list(csv.DictReader(open(run_dir / "metrics.csv")))) == EPOCHS
 
 
+@pytest.mark.slow
+def test_nodes_launched_with_different_flags_end_at_once_naming_them(digits, tmp_path):
+    """Node 1 launched with another --batch_size and --aug: both nodes end within seconds (not after
+    --dist_timeout) with one line naming the flags; each node's own --save_dir may differ (PER_NODE_FLAGS)."""
+    port, started = free_port(), []
+    try:
+        for i, extra in enumerate(([], ["--batch_size", "50", "--aug", "none"])):
+            args = train_args(digits, tmp_path / f"node{i}", dist_timeout=60)
+            args[args.index("--batch_size"):args.index("--batch_size") + 2] = []
+            args[args.index("--aug"):args.index("--aug") + 2] = []
+            args += extra or ["--batch_size", "100", "--aug", "recursive_mix"]
+            started.append(Node(i, port, tmp_path / f"node{i}.log", args))
+        codes = [node.wait(50) for node in started]  # well before --dist_timeout
+        assert all(c != 0 for c in codes), codes
+        for node in started:
+            lines = re.findall(r"^rmix train: .*$", node.text(), re.M)
+            assert lines[-1].startswith("rmix train: the ranks were launched with different flags: --batch_size "), lines
+            assert re.search(r"--batch_size 100 on rank \d, 50 on rank \d; --aug recursive_mix on rank \d, none on "
+                             r"rank \d; launch every node with the same flags$", lines[-1]), lines[-1]
+    finally:
+        for node in started:
+            node.signal_tree(signal.SIGKILL)
+            node.p.wait(30)
+
+
 # -- the pieces, without processes -------------------------------------------------------------------
+def test_differing_flags_are_named_by_rank():
+    from trainers.classify import differing_flags
+
+    base = {"batch_size": 128, "aug": "recursive_mix", "save_dir": "/n0/logs", "schedule": [100, 150]}
+    configs = [dict(base, save_dir=f"/n{r}/logs") for r in range(6)]  # a node-local save_dir is no difference
+    assert differing_flags(configs) is None
+    configs[3]["batch_size"] = configs[4]["batch_size"] = configs[5]["batch_size"] = 256
+    configs[5]["schedule"] = [100]
+    assert differing_flags(configs) == ("the ranks were launched with different flags: --batch_size 128 on ranks 0-2, "
+                                        "256 on ranks 3-5; --schedule 100 150 on ranks 0-4, 100 on rank 5; launch "
+                                        "every node with the same flags")
+
 def test_roll_call_names_the_ranks_that_did_not_answer(monkeypatch):
     store = dist.HashStore()
     monkeypatch.setattr(peers, "_store", lambda: store)

@@ -1,7 +1,9 @@
 """trainers/: models with the ROI head, the DDP trainer, exact resume, SIGTERM, clear errors."""
 
+import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import torch
 import torchvision
 
 from shards.build import ShardParams, build
+from trainers.checkpoint import CheckpointError
 from trainers.classify import EXIT_PREEMPTED, RunState, main, resolve_device, run, train_one_epoch
 from trainers.config import ConfigError, TrainConfig
 from trainers.models import build_model, cifar_resnet18, pyramidnet_164_270, pyramidnet_200_240, resnet50, small_cnn
@@ -98,8 +101,19 @@ def test_unknown_model_is_a_clear_error():
         build_model("resnet", "resnet50", 10, imagenet=False)
 
 
+TIMINGS = ("img_per_s", "data_wait")  # wall-clock columns of metrics.csv: they differ between any two runs
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv without its timing columns."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(f)]
+
+
 @pytest.mark.parametrize("loader", ["dali", "memory"])
 def test_exact_resume_is_bitwise(digits, tmp_path, loader):
+    """Stopped mid-epoch and resumed: the weights are bitwise the uninterrupted run's, and so is every row of
+    metrics.csv, the interrupted epoch's included (its running sums are saved with the checkpoint)."""
     whole = run(cfg(digits, tmp_path / "a", loader=loader))
     stopped = run(cfg(digits, tmp_path / "b", loader=loader, stop_after_steps=5))  # mid epoch 1 of 15 steps
     assert stopped == {"stopped_at_step": 5}
@@ -112,6 +126,10 @@ def test_exact_resume_is_bitwise(digits, tmp_path, loader):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["val_acc1"] == whole["val_acc1"]
+    rows = metrics_rows(tmp_path / "a" / "digits" / "t")
+    assert len(rows) == 2 and metrics_rows(tmp_path / "b" / "digits" / "t") == rows
+    text = (tmp_path / "b" / "digits" / "t" / "metrics.csv").read_text()
+    assert not re.search(r"\.\d{7,}", text), text  # rounded where printed: no float noise
 
 
 @pytest.mark.slow
@@ -155,6 +173,28 @@ def test_sigterm_saves_latest_and_exits_non_zero(digits, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_latest_and_exits_130_without_a_traceback(digits, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: it is handled as SIGTERM is (latest.pth saved at
+    the next step), then the run exits with the shell's status for Ctrl-C."""
+    p = subprocess.Popen([sys.executable, "-m", "tools.cli", "train", "--data", "digits", "--data_dir", str(digits),
+                          "--save_dir", str(tmp_path), "--name", "int", "--model_file", "small",
+                          "--model_name", "small_cnn", "--epoch", "50", "--batch_size", "20", "--print_freq", "2",
+                          "--loader", "memory", "--num_workers", "1"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    for line in p.stdout:
+        if line.startswith("Epoch [1/50]") or time.time() > deadline:
+            break
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "stopped at step" in out and "(SIGINT)" in out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    ckpt = torch.load(tmp_path / "digits" / "int" / "latest.pth", weights_only=False)
+    assert ckpt["step"] >= 2 and ckpt["mid_epoch"]
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_agree(digits, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -192,6 +232,7 @@ def _bad_checkpoints(tmp):
     (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
     (["--aug", "cutmix", "--aug_alpha", "-1"], "--aug_alpha must be > 0, got -1.0"),
     (["--batch_size", "5000"], "--batch_size 5000 is larger than the train split (1500 samples"),
+    (["--batch_size", "5000", "--loader", "dali"], "--batch_size 5000 is larger than the train split (1500 samples"),
     (["--model_name", "resnet999"], "unknown CIFAR-size model --model_file small --model_name resnet999"),
     (["--resume", "{tmp}/corrupt.pth"], "corrupt.pth is not a readable checkpoint"),
     (["--resume", "{tmp}/other.pth"], "other.pth is not a checkpoint of `rmix train`"),
@@ -274,9 +315,123 @@ def test_data_wait_measures_waiting(digits, tmp_path, delay):
     assert abs(row["data_wait"] - expected) < 0.05, (row, expected)
 
 
-def test_run_gives_back_the_callers_sigterm_handler(digits, tmp_path):
+def test_run_gives_back_the_callers_signal_handlers(digits, tmp_path):
     """A handler left behind would be inherited by every process forked later (shard encoders, DataLoader
-    workers), which SIGTERM could then no longer stop."""
-    before = signal.getsignal(signal.SIGTERM)
+    workers), which SIGTERM or Ctrl-C could then no longer stop."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     run(cfg(digits, tmp_path, loader="memory", stop_after_steps=1))
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(digits, tmp_path_factory):
+    """A memory-loader run stopped after 3 of its 15 steps: latest.pth is mid-epoch 1."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    run(cfg(digits, tmp, loader="memory", stop_after_steps=3))
+    return tmp
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 50}, "was saved mid-epoch 1 with --batch_size 100; this run has --batch_size 50: "
+                         "resume with --batch_size 100"),
+    ({"loader": "dali"}, "with --loader memory; this run has --loader dali: resume with --loader memory"),
+    ({"aug": "cutmix"}, "with --aug recursive_mix; this run has --aug cutmix: resume with --aug recursive_mix"),
+])
+def test_resume_with_flags_its_loader_state_cannot_follow_is_one_line(digits, stopped_mid_epoch, change, message):
+    """A mid-epoch position counts batches of the saved size, and a loader state belongs to its backend and
+    mix: resuming with another value would repeat samples or fail deep in a loader. One line names the flag."""
+    before = {p.name: p.read_bytes() for p in (stopped_mid_epoch / "digits" / "t").iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError) as e:
+        run(cfg(digits, stopped_mid_epoch, **{"loader": "memory", "resume": "latest", **change}))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    after = {p.name: p.read_bytes() for p in (stopped_mid_epoch / "digits" / "t").iterdir() if p.is_file()}
+    assert after == before  # the refused run changed nothing in the run folder
+
+
+def test_mid_epoch_resume_of_the_torch_loader_with_other_workers_is_one_line(digits, tmp_path):
+    """The torch backend's workers read their own shards: its batches depend on --num_workers."""
+    run(cfg(digits, tmp_path, loader="torch", num_workers=2, stop_after_steps=2))
+    with pytest.raises(CheckpointError, match="with --num_workers 2; this run has --num_workers 1: resume with "
+                                              "--num_workers 2"):
+        run(cfg(digits, tmp_path, loader="torch", num_workers=1, resume="latest"))
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(digits, stopped_mid_epoch, tmp_path):
+    """It would replace that run's latest.pth and metrics.csv; one line says how to continue it instead."""
+    shutil.copytree(stopped_mid_epoch, tmp_path, dirs_exist_ok=True)
+    run_dir = tmp_path / "digits" / "t"
+    (run_dir / "metrics.csv").write_text("epoch,val_acc1\n1,50.0\n")  # as a finished epoch leaves it
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["--data_dir", str(digits), "--save_dir", str(tmp_path), "--name", "t", "--model_file", "small",
+              "--model_name", "small_cnn", "--loader", "memory", "--num_workers", "1", "--epoch", "1"])
+    assert e.value.code == (f"rmix train: {run_dir} holds a run (latest.pth, metrics.csv): continue it with "
+                            "--resume latest, or start another with another --name")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_torchrun_with_fewer_shards_than_ranks_is_one_line_per_rank(tmp_path):
+    """The torch loader splits ranks by shard: one train shard for two ranks ends in its one line on each rank,
+    not inside a traceback."""
+    build(ShardParams(dataset="digits", formats=["wds"], samples_per_shard=2000), None, tmp_path, workers=1,
+          progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                        "-m", "trainers.classify", "--data_dir", str(tmp_path / "digits"), "--save_dir",
+                        str(tmp_path / "logs"), "--model_file", "small", "--model_name", "small_cnn", "--epoch", "1",
+                        "--batch_size", "100", "--loader", "torch", "--num_workers", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert r.returncode != 0
+    worker_err = r.stderr.split("failed (exitcode")[0]  # what the ranks wrote, before torchrun's own summary
+    lines = [l for l in worker_err.splitlines() if l.startswith("rmix train: ")]
+    assert len(lines) == 2 and all("split 'train' has 1 webdataset shard(s) for 2 ranks" in l for l in lines), r.stderr
+    assert "Traceback" not in worker_err, worker_err[-3000:]
+
+
+def _damage_second_image(tar: Path, damage: str) -> str:
+    """Overwrite the bytes of the tar's second image in place (the sizes and the .idx still agree, so the start
+    checks pass): ``header`` zeroes all of it, ``data`` the pixels after its header chunks. Returns its key."""
+    import tarfile
+
+    with tarfile.open(tar) as tf:
+        member = [m for m in tf.getmembers() if m.name.endswith(".png")][1]
+    with open(tar, "r+b") as f:
+        f.seek(member.offset_data + (0 if damage == "header" else 200))
+        f.write(b"\0" * (member.size - (0 if damage == "header" else 400)))
+    return member.name[: -len(".png")]
+
+
+def test_an_undecodable_image_with_dali_is_one_line_naming_shard_and_sample(digits, tmp_path):
+    """A PNG whose pixel data is damaged: DALI names the sample in its error, the trainer says it in one line."""
+    shutil.copytree(digits, tmp_path / "digits")
+    tar = tmp_path / "digits" / "wds" / "train-000001.tar"
+    key = _damage_second_image(tar, "data")
+    with pytest.raises(SystemExit) as e:
+        main(["--data_dir", str(tmp_path / "digits"), "--save_dir", str(tmp_path / "logs"), "--model_file", "small",
+              "--model_name", "small_cnn", "--epoch", "1", "--batch_size", "100", "--loader", "dali",
+              "--num_workers", "1"])
+    said = str(e.value.code)
+    assert said.startswith(f"rmix train: {tar}: sample {key}: DALI cannot decode its image (damaged data)"), said
+    assert "\n" not in said
+
+
+def test_an_image_header_dali_cannot_parse_is_found_in_the_ranks_shards(digits, tmp_path):
+    """Where nvImageCodec cannot parse an image's header, DALI's error names no sample: the loader reads the
+    headers of the rank's shards and names it. DALI's message is the one DALI 2.4's CPU decoder gives (running
+    DALI on such an image here crashes it in most runs, in dali::imgcodec::ImageDecoder, before it raises)."""
+    from pipelines.dali import decode_error
+
+    shutil.copytree(digits, tmp_path / "digits")
+    tar = tmp_path / "digits" / "wds" / "train-000001.tar"
+    key = _damage_second_image(tar, "header")
+    said = RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\nwhich was "
+                        "used in the pipeline definition with the following traceback:\n\n  File \"pipelines/dali.py\", "
+                        "line 147, in augment\n\nencountered:\n\nnvImageCodec failure: '#4'\nCurrent pipeline object "
+                        "is no longer valid.")
+    files = sorted(str(p) for p in (tmp_path / "digits" / "wds").glob("train-*.tar"))
+    error = decode_error(said, files, "png", str(tmp_path / "digits"), "train")
+    assert str(error) == (f"{tar}: sample {key}: DALI cannot decode its image (not an image file; DALI: "
+                          f"nvImageCodec failure: '#4'); rebuild that shard (rmix verify {tmp_path / 'digits'} lists "
+                          "every such sample)")
+    assert decode_error(RuntimeError("Critical error in pipeline: out of memory"), files, "png", "r", "train") is None

@@ -15,7 +15,8 @@
     rmix export-backbone  trainer checkpoint -> mmpretrain-layout ResNet-50         (trainers/mm)
     rmix mm train|test    mmdet / mmseg runs with our backbone                      (trainers/mm)
 
-Imports happen inside each branch, so ``rmix --help`` stays fast (no torch or DALI import).
+Imports happen inside each branch, so ``rmix --help`` stays fast (no torch or DALI import); ``rmix train``
+parses its flags before it imports the trainer, so its ``--help`` and a bad flag answer at once too.
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ def main(argv=None) -> None:
         from tools import verify
         verify.main(rest)
     elif name == "train":
+        from trainers.config import parse_or_exit
+
+        cfg = parse_or_exit(rest)  # before the trainer's imports (torch, the loaders: seconds): --help is instant
         from trainers import classify
-        classify.main(rest)
+        classify.main(cfg=cfg)
     elif name == "demo":
         from tools import demo
         demo.main(rest)

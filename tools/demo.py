@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,10 +39,13 @@ def main(argv=None) -> None:
         scheduler="cos", warmup=1, weight_decay=5e-4, nesterov=True, print_freq=50, num_workers=2,
         aug="recursive_mix", aug_alpha=0.5, aug_omega=0.5, loader=args.loader, save_model=True,
     ).validate()
+    out_dir = Path(cfg.save_dir) / cfg.data / cfg.name
+    if out_dir.exists():  # the demo's own folder: a second `make demo` trains anew (the trainer refuses to overwrite)
+        print(f"== replacing the previous demo run in {out_dir}", flush=True)
+        shutil.rmtree(out_dir)
     result = run(cfg)
     if "val_acc1" not in result:
         sys.exit(f"rmix demo: training stopped before the last epoch ({result}); see the log above")
-    out_dir = Path(cfg.save_dir) / cfg.data / cfg.name
     print("== 3/3 result", flush=True)
     print(f"digits val Acc@1 {result['val_acc1']:.2f}%  Acc@5 {result['val_acc5']:.2f}%  "
           f"(best {result['best_acc1']:.2f}%)  train {result['img_per_s']:.0f} img/s  "

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[common], help="train a config (one process, or under torchrun)")
     t.add_argument("--rm-alpha", type=float, help="with --loader dali: dense RecursiveMix (alpha) inside the train loader")
     t.add_argument("--backbone", help="our export (rmix export-backbone) to initialise model.backbone from")
-    t.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume: the latest checkpoint in the work dir, or the given one")
+    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="resume: alone, from the latest checkpoint in the work dir (refused when there is none); "
+                        "with a path, from that checkpoint; 'auto': the latest if there is one, else start fresh")
     e = sub.add_parser("test", parents=[common], help="evaluate a trained checkpoint on the test split")
     e.add_argument("checkpoint", help="a trained checkpoint from the work dir (epoch_N.pth / iter_N.pth)")
     return p

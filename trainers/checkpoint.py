@@ -2,8 +2,10 @@
 
 A checkpoint is one ``torch.save`` dict (``CHECKPOINT_KEYS``): the *unwrapped* model's state dict,
 optimizer, AMP scaler, epoch, global step, whether it was taken mid-epoch, the best metrics, every
-rank's loader state (reader position, mix history), the RNG states and the resolved config. The file is
-written under a temporary name and renamed, so a kill during the write never leaves a torn file.
+rank's loader state (reader position, mix history), the RNG states and the resolved config; taken
+mid-epoch, also every rank's running sums of the epoch's metrics (``meters``, absent or None otherwise), so
+the resumed epoch's metrics equal the uninterrupted run's. The file is written under a temporary name and
+renamed, so a kill during the write never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -88,3 +90,32 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: Path, config: Opt
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path} does not fit this model ({first})") from None
+
+
+#: the flags a checkpoint's loader state belongs to (the backend's reader state, the mix's history)
+LOADER_FLAGS = ("loader", "aug")
+#: backends whose batches depend on the number of workers: the torch backend gives each worker its own
+#: shards (pipelines.torch_wds, "shard split"), so a mid-epoch position means other samples under another count
+WORKER_ORDERED_LOADERS = ("torch",)
+
+
+def check_resume_flags(ckpt: dict, path: Path, config: dict) -> None:
+    """Refuse, in one line naming the flags, a resume whose loader state cannot continue the saved run.
+
+    Always: ``--loader`` and ``--aug`` (the loader state is that backend's and that mix's). Mid-epoch also
+    ``--batch_size`` (the position counts batches: another size would repeat or skip samples within the
+    epoch) and, for the torch backend, ``--num_workers``. Other flags may change on resume (the learning
+    rate schedule, the number of epochs, ...)."""
+    saved = ckpt.get("config") or {}
+    keys = list(LOADER_FLAGS)
+    if ckpt.get("mid_epoch"):
+        keys.append("batch_size")
+        if saved.get("loader") in WORKER_ORDERED_LOADERS:
+            keys.append("num_workers")
+    differ = [k for k in keys if k in saved and saved[k] != config.get(k)]
+    if differ:
+        was = " ".join(f"--{k} {saved[k]}" for k in differ)
+        now = " ".join(f"--{k} {config.get(k)}" for k in differ)
+        when = f"mid-epoch {ckpt.get('epoch')}" if ckpt.get("mid_epoch") else f"at the end of epoch {ckpt.get('epoch')}"
+        raise CheckpointError(f"{path} was saved {when} with {was}; this run has {now}: resume with {was} "
+                              "(its loader state continues only that run), or start another --name")

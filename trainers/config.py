@@ -1,8 +1,13 @@
 """One typed configuration for training: the seed's flags verbatim, plus ours.
 
 The dataclass is the single source of defaults; the argparse parser is generated from it, so
-``--flag`` and the field share one name, type and help. Invalid combinations fail at start with one
-line (``ConfigError``).
+``--flag`` and the field share one name, type, help and default (shown by ``--help``). Invalid
+combinations fail at start with one line (``ConfigError``).
+
+This module imports neither torch nor a loader: ``rmix train --help`` and a bad flag answer before the
+trainer's imports (seconds) start. The choices of ``--loader``, ``--aug``, ``--interpolate_mode`` and
+``--rm_box`` are therefore spelled here; a test holds them equal to the registries they name
+(``pipelines.BACKENDS``, ``rmix.MIXES``, ``rmix.recursive_mix.INTERPOLATIONS`` / ``BOX_MODES``).
 """
 
 from __future__ import annotations
@@ -13,11 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipelines import BACKENDS
-from rmix import MIXES
-from rmix.recursive_mix import BOX_MODES, INTERPOLATIONS
 from shards.build import DATASETS
-from shards.remote import RemoteOptions
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,11 @@ class ConfigError(ValueError):
 
 
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# the registries' names, without importing torch (module header)
+BACKENDS = ("dali", "memory", "ffcv", "torch")                               # pipelines.BACKENDS
+MIXES = ("none", "mixup", "cutmix", "resizemix", "recursive_mix")            # rmix.MIXES
+INTERPOLATIONS = ("nearest", "bilinear")                                     # rmix.recursive_mix
+BOX_MODES = ("batch", "sample")                                              # rmix.recursive_mix
 
 
 def _f(default, help: str, choices=None, **kw):
@@ -60,14 +66,14 @@ class TrainConfig:
     resume: str = _f("", "checkpoint to resume from: best, latest, a path, or auto (latest when the run folder "
                          "holds one, else start fresh: for requeued jobs and torchrun --max-restarts)")
     evaluate: bool = _f(False, "only evaluate (with --resume) and print Acc@1/Acc@5")
-    aug: str = _f("none", "batch mix", choices=tuple(MIXES))
+    aug: str = _f("none", "batch mix", choices=MIXES)
     aug_alpha: float = _f(0.5, "alpha of the mix (RM: box side = sqrt(U(0, alpha)))")
     aug_omega: float = _f(0.5, "weight of RecursiveMix's ROI consistency loss")
     aug_plus: bool = _f(False, "ImageNet: add ColorJitter 0.4 and PCA lighting 0.1")
     interpolate_mode: str = _f("nearest", "how RM resizes the history", choices=INTERPOLATIONS)
     share_fc: bool = _f(False, "ROI head shares the classifier fc")
     # -- ours --------------------------------------------------------------------------------------
-    loader: str = _f("dali", "loader backend", choices=tuple(BACKENDS))
+    loader: str = _f("dali", "loader backend", choices=BACKENDS)
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda (each rank its LOCAL_RANK GPU), cuda:N (one process)")
     channels_last: bool = _f(False, "channels_last memory format for images and model")
     amp: str = _f("off", "mixed precision on CUDA (CPU always runs fp32)", choices=("off", "fp16", "bf16"))
@@ -128,8 +134,11 @@ class TrainConfig:
             raise ConfigError(f"--smoothing must be in [0, 1), got {self.smoothing}")
         return self
 
-    def remote(self) -> RemoteOptions:
-        """How the loaders read a dataset named by URL (the ``--shard_*`` flags)."""
+    def remote(self):
+        """How the loaders read a dataset named by URL (the ``--shard_*`` flags): a
+        :class:`shards.remote.RemoteOptions`."""
+        from shards.remote import RemoteOptions
+
         return RemoteOptions(retries=self.shard_retries, retry_wait=self.shard_retry_wait, timeout=self.shard_timeout,
                              skip_failed_shards=self.skip_failed_shards, cache_dir=self.shard_cache,
                              cache_max_gb=self.shard_cache_max_gb)
@@ -148,12 +157,24 @@ def _str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"boolean expected, got {v!r}")
 
 
+def _shown(default) -> str:
+    """A default as ``--help`` shows it: ``--schedule 100 150``; nothing for an off switch or an empty string."""
+    if default is None or default is False or default == "":
+        return ""
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default))
+    return str(default)
+
+
 def build_parser(prog: str = "rmix train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a classifier with RecursiveMix (the seed's flags).",
                                 allow_abbrev=False)
     for f in dataclasses.fields(TrainConfig):
         meta, flag = f.metadata, "--" + f.name
-        kw = {"help": meta["help"], "default": f.default}
+        help_ = meta["help"]
+        if help_ is not argparse.SUPPRESS and _shown(f.default):
+            help_ = f"{help_} (default: {_shown(f.default)})".replace("%", "%%")
+        kw = {"help": help_, "default": f.default}
         if f.type in ("bool", bool) and f.default is False:
             p.add_argument(flag, action="store_true", **kw)
             continue
@@ -173,5 +194,15 @@ def build_parser(prog: str = "rmix train") -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None, prog: str = "rmix train") -> TrainConfig:
+    """The validated config of a command line; a bad flag exits with argparse's usage line, a bad value or
+    combination raises :class:`ConfigError`."""
     args = build_parser(prog).parse_args(argv)
     return TrainConfig(**vars(args)).validate()
+
+
+def parse_or_exit(argv=None, prog: str = "rmix train") -> TrainConfig:
+    """:func:`parse_config`, with a :class:`ConfigError` as one line on stderr and exit status 1."""
+    try:
+        return parse_config(argv, prog)
+    except ConfigError as e:
+        raise SystemExit(f"{prog}: {e}") from None

@@ -9,7 +9,9 @@ survivor does not wait forever, but what it is told names no rank: gloo says ``C
 So at start every rank files where it runs (node and host) in the process group's key-value store (under
 torchrun the elastic agent of node 0 hosts it), and a rank whose collective fails takes a roll call there:
 it answers, waits a few seconds for the other survivors to answer, and names the ranks that did not. When
-the store itself is gone, its host (node 0, ``MASTER_ADDR``) is the one that was lost. The trainer then
+the store itself is gone, its host (node 0, ``MASTER_ADDR``) is the one that was lost: a plain TCP connect
+to ``MASTER_ADDR:MASTER_PORT`` says so first, because the store's client logs every failed call with its
+C++ stack frames, which would come before the one line the survivor owes. The trainer then
 prints :func:`lost_line` and exits with ``EXIT_PEER_LOST``; torchrun's agent sees the failure and stops
 the node's other workers (or restarts every node's workers with ``--max-restarts``).
 """
@@ -88,29 +90,47 @@ def is_peer_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in PEER_FAILURE_TEXT)
 
 
+def store_host_answers(timeout: float) -> bool:
+    """Whether anything still listens at ``MASTER_ADDR:MASTER_PORT``, where the store is (True when the
+    environment does not say). A killed host's port refuses at once; a frozen host's kernel still accepts,
+    and the roll call's own timeout then bounds the wait."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not (port or "").isdigit():
+        return True
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def roll_call(rank: int, world: int, grace: float) -> Optional[dict[int, str]]:
     """Answer, wait up to ``grace`` seconds for the others, and return the silent ranks with their
     whereabouts (empty: everyone answered); None when the store cannot be reached within ``grace + 2`` s.
 
     The store is asked from a daemon thread: on a frozen store host (its connection open, nobody
-    answering) ``check`` blocks regardless of the store's timeout.
+    answering) ``check`` blocks regardless of the store's timeout. An error of the store's (its host died
+    meanwhile) ends the thread quietly: the answer is then None.
     """
     store = _store()
-    if store is None:
+    if store is None or not store_host_answers(min(grace, 2.0)):
         return None
     answer: list = []
 
     def ask():
-        store.set_timeout(timedelta(seconds=max(grace, 1.0)))
-        store.set(_key("alive", rank), "1")
-        deadline = time.monotonic() + grace
-        while True:
-            silent = [r for r in range(world) if not store.check([_key("alive", r)])]
-            if not silent or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        answer.append({r: store.get(_key("where", r)).decode() if store.check([_key("where", r)]) else "?"
-                       for r in silent})
+        try:
+            store.set_timeout(timedelta(seconds=max(grace, 1.0)))
+            store.set(_key("alive", rank), "1")
+            deadline = time.monotonic() + grace
+            while True:
+                silent = [r for r in range(world) if not store.check([_key("alive", r)])]
+                if not silent or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            answer.append({r: store.get(_key("where", r)).decode() if store.check([_key("where", r)]) else "?"
+                           for r in silent})
+        except Exception:  # noqa: BLE001 -- the store is gone: the caller's line says so, no thread traceback
+            pass
 
     t = threading.Thread(target=ask, name="roll-call", daemon=True)
     t.start()

@@ -52,7 +52,7 @@ class MMArgs:
     checkpoint: Optional[str] = None          # test: the trained detector / segmentor
     backbone: Optional[str] = None            # train: our export, replaces model.backbone.init_cfg.checkpoint
     work_dir: Optional[str] = None
-    resume: Optional[str] = None              # "auto" (latest in work_dir) or a checkpoint path
+    resume: Optional[str] = None              # "latest" (in work_dir, required), "auto" (latest if any) or a path
     data_root: Optional[str] = None
     cfg_options: dict = field(default_factory=dict)
     loader: str = "stock"                     # "dali": our DALI loaders (trainers/mm/dali_loop.py)
@@ -353,10 +353,19 @@ def train(args: MMArgs) -> dict:
     shapes = None
     if args.resume:
         cfg.resume = True
-        cfg.load_from = None if args.resume == "auto" else args.resume
+        cfg.load_from = None if args.resume in ("auto", "latest") else args.resume
         if cfg.load_from and not osp.isfile(cfg.load_from):
             raise MMError(f"--resume: no checkpoint at {cfg.load_from}")
-        if cfg.load_from:
+        if args.resume in ("auto", "latest"):  # mmengine's auto mode: the work dir's latest checkpoint, if any
+            from mmengine.runner import find_latest_checkpoint
+
+            found = find_latest_checkpoint(cfg.work_dir)
+            if found is None and args.resume == "latest":  # mmengine would log "resumed from None" and start over
+                raise MMError(f"--resume: no checkpoint in the work dir {cfg.work_dir} (check --work-dir; "
+                              "--resume auto resumes only when there is one)")
+            if found is not None:
+                shapes = check_model_checkpoint(found)
+        else:
             shapes = check_model_checkpoint(cfg.load_from)
     check_backbone(cfg)  # also on resume: mmengine initialises the weights before it loads the checkpoint
     check_data(cfg, ("train_dataloader", "val_dataloader") if cfg.get("val_cfg") else ("train_dataloader",))
