@@ -298,7 +298,7 @@ def test_mm_errors_are_one_line(tmp_path, export, monkeypatch):
 ATSS_TINY = """
 _base_ = '{base}'
 img_scale = (320, 320)
-metainfo = dict(classes=('person', 'bicycle', 'car'))  # the categories of mm_fixtures.write_coco
+metainfo = dict(classes=('person', 'dog', 'bottle'))  # the categories of mm_fixtures.write_coco's boxes (BOX_IDS)
 train_pipeline = [
     dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
     dict(type='Resize', scale=img_scale, keep_ratio=True), dict(type='RandomFlip', prob=0.5),
@@ -660,10 +660,10 @@ def test_bad_data_is_one_line_before_any_loader(tmp_path, export, case, message,
 def test_coco_categories_must_cover_the_models_classes(tmp_path, export):
     """A 4-category COCO file under the stock 80-class ATSS: mmdet's CocoMetric maps predicted label i to the i-th
     category and raised IndexError after the first epoch. Refused up front, for training and test."""
-    from mm_fixtures import write_coco
+    from mm_fixtures import coco_categories, write_coco
 
     path, _ = export
-    coco = write_coco(tmp_path / "coco", train=2, val=1)
+    coco = write_coco(tmp_path / "coco", train=2, val=1, categories=coco_categories(1, 18, 44))
     for split in ("train", "val"):
         ann = coco / "annotations" / f"instances_{split}2017.json"
         doc = json.loads(ann.read_text())
@@ -673,7 +673,7 @@ def test_coco_categories_must_cover_the_models_classes(tmp_path, export):
         msg = _mm_main("train", "atss_r50_fpn_1x_coco", "--backbone", str(path), "--data-root", str(coco),
                        "--work-dir", str(tmp_path / "wd"), "--loader", loader)
         assert "instances_train2017.json has categories for 4 of the 80 classes the model predicts (missing: " \
-               "'airplane', 'bus', 'train' ...)" in msg and "\n" not in msg, msg
+               "'bicycle', 'car', 'airplane' ...)" in msg and "\n" not in msg, msg
     # the config's classes cover the file, the head predicts more: the same IndexError
     tiny = _tiny_config(tmp_path, ATSS_TINY, ATSS)
     msg = _mm_main("train", str(tiny), "--backbone", str(path), "--data-root", str(coco), "--work-dir",

@@ -447,7 +447,10 @@ def main(argv=None, cfg: Optional[TrainConfig] = None) -> None:
     except (ConfigError, ShardError, CheckpointError) as e:
         if dist.is_initialized():
             dist.destroy_process_group()  # before the interpreter's exit tears gloo's threads down
-        sys.exit(f"rmix train: {e}")
+        # one write of the whole line: under torchrun the ranks share stderr, and the two writes of
+        # sys.exit(message) can interleave with another rank's line
+        os.write(2, f"rmix train: {e}\n".encode())
+        sys.exit(1)
     except Exception as e:
         if not (dist.is_initialized() and is_peer_failure(e)):
             raise
