@@ -447,10 +447,7 @@ def main(argv=None, cfg: Optional[TrainConfig] = None) -> None:
     except (ConfigError, ShardError, CheckpointError) as e:
         if dist.is_initialized():
             dist.destroy_process_group()  # before the interpreter's exit tears gloo's threads down
-        # one write of the whole line: under torchrun the ranks share stderr, and the two writes of
-        # sys.exit(message) can interleave with another rank's line
-        os.write(2, f"rmix train: {e}\n".encode())
-        sys.exit(1)
+        exit_line(f"rmix train: {e}")
     except Exception as e:
         if not (dist.is_initialized() and is_peer_failure(e)):
             raise
@@ -463,6 +460,15 @@ def main(argv=None, cfg: Optional[TrainConfig] = None) -> None:
         sys.exit(EXIT_PEER_LOST)
     if result.get("preempted"):
         sys.exit(EXIT_INTERRUPTED if result["preempted"] == "SIGINT" else EXIT_PREEMPTED)
+
+
+def exit_line(message: str) -> None:
+    """``sys.exit(message)``; under DDP the line is written in one piece first, then status 1: the interpreter
+    writes an exit message and its newline apart, and another rank's line sharing stderr can land between."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.write(2, f"{message}\n".encode())
+        sys.exit(1)
+    sys.exit(message)
 
 
 def run(cfg: TrainConfig) -> dict:
